@@ -1,0 +1,65 @@
+"""``vllm-quamba``: the command line of the converter."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from ..format import RECIPES
+from .calibration import DEFAULT_CALIBRATION
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vllm-quamba",
+        description="Quantize Mamba language models with the Quamba/Quamba2 recipes for vLLM.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    q = commands.add_parser(
+        "quantize",
+        help="calibrate and convert a checkpoint into a quamba checkpoint",
+        description=(
+            "Calibrate MODEL on text, rotate, reorder and quantize it, and write a checkpoint "
+            "that `vllm serve OUT` (with vllm-quamba installed) loads as quantization 'quamba'. "
+            "MODEL is a local directory or a hub id, in transformers format (Mamba2ForCausalLM) "
+            "or mamba_ssm format (config.json with d_model/n_layer/ssm_cfg + pytorch_model.bin)."
+        ),
+    )
+    q.add_argument("model", help="source checkpoint: local directory or hub id")
+    q.add_argument("--recipe", required=True, choices=RECIPES, help="quantization recipe (implemented: w8a8 for Mamba2)")
+    q.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    q.add_argument(
+        "--calib",
+        default=DEFAULT_CALIBRATION,
+        help="calibration text: 'embedded' (default, ships with the package), a .txt file "
+        "(documents separated by blank lines), a .jsonl file with a 'text' field, or a dataset id (online)",
+    )
+    q.add_argument("--calib-samples", type=int, default=64, help="number of calibration samples (default 64)")
+    q.add_argument("--calib-seqlen", type=int, default=512, help="tokens per calibration sample (default 512)")
+    q.add_argument("--tokenizer", help="tokenizer directory or hub id, when MODEL ships none")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    q.add_argument("--seed", type=int, default=0, help="random seed (the output is deterministic per seed)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from .quantize import quantize
+
+    try:
+        out = quantize(
+            args.model, args.out, recipe=args.recipe, calib=args.calib,
+            calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
+            tokenizer=args.tokenizer, overwrite=args.overwrite, seed=args.seed,
+        )
+    except ValueError as exc:  # every input error of the converter is a ValueError subclass
+        print(f"vllm-quamba: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

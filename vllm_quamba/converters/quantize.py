@@ -1,0 +1,231 @@
+"""The Quamba2 W8A8 recipe for Mamba2, from a source checkpoint to a quamba checkpoint.
+
+Order (quamba.md sections 0, 2 and 9): fold the RMSNorm weights, rotate the residual stream,
+gather the sort statistic, sort-and-cluster and permute, fuse the out_proj Hadamard,
+calibrate every activation scale on the permuted fp model, quantize the weights, write.
+Everything is checked before any work starts, and the output directory appears only when
+complete (written beside it under a temporary name, then renamed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from ..format import (
+    DIM_GROUPS,
+    HEAD_GROUPS,
+    METHOD_VERSION,
+    QUANT_METHOD,
+    RECIPES,
+    SUPPORTED_ARCHITECTURES,
+    WEIGHTS_FILE,
+    Mamba2Shapes,
+    mixer_prefix,
+)
+from ..kernels.hadamard import is_supported_hadamard_size
+from ..kernels.quant import quantize_int8, symmetric_scale
+from . import transforms
+from .calibration import DEFAULT_CALIBRATION, ActivationStats, calibration_samples
+from .reorder import Reordering, group_absmax, sort_and_cluster
+from .simulate import Mamba2Reference
+from .source import TOKENIZER_FILES, SourceModel, check_source, load_source
+
+IMPLEMENTED = {("mamba2", "w8a8")}
+
+
+class QuantizeError(ValueError):
+    """Bad converter input, reported before any work is done."""
+
+
+def check_request(model: str | Path, recipe: str, out_dir: Path, overwrite: bool) -> None:
+    """Everything that can be checked without reading weights or calibrating."""
+    if recipe not in RECIPES:
+        raise QuantizeError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    if out_dir.exists() and not overwrite:
+        raise QuantizeError(f"output directory {out_dir} exists; pass --overwrite to replace it")
+    _, _, arch = check_source(model)
+    kind = SUPPORTED_ARCHITECTURES[arch]
+    if (kind, recipe) not in IMPLEMENTED:
+        raise QuantizeError(
+            f"recipe {recipe!r} for {arch} is not implemented in this version of vllm-quamba "
+            f"(implemented: {sorted(IMPLEMENTED)})"
+        )
+
+
+def _check_shapes(source: SourceModel) -> Mamba2Shapes:
+    shapes = Mamba2Shapes.from_config(source.config)
+    for what, size in (("hidden_size", shapes.hidden_size), ("intermediate_size", shapes.intermediate_size)):
+        if not is_supported_hadamard_size(size):
+            raise QuantizeError(
+                f"{what} {size} is not a size the Hadamard transform supports "
+                "(2^k, 12*2^k, 20*2^k, 28*2^k or 40*2^k)"
+            )
+    heads_per_group = shapes.num_heads // shapes.n_groups
+    if heads_per_group < HEAD_GROUPS or shapes.head_dim < DIM_GROUPS:
+        raise QuantizeError(
+            f"sort-and-cluster needs >= {HEAD_GROUPS} heads per SSD group and head_dim >= "
+            f"{DIM_GROUPS}; this model has {heads_per_group} and {shapes.head_dim}"
+        )
+    if source.config.get("use_bias"):
+        raise QuantizeError("Mamba2 models with in_proj/out_proj biases are not supported")
+    return shapes
+
+
+def _observe(reference: Mamba2Reference, samples: list[torch.Tensor], desc: str) -> ActivationStats:
+    stats = ActivationStats(reference.shapes.n_groups)
+    reference.observer = stats
+    for ids in tqdm(samples, desc=desc, unit="sample"):
+        reference.logits(ids)
+    return stats
+
+
+def _reorder_all(tensors, shapes, config, samples) -> tuple[dict, list[Reordering]]:
+    stats = _observe(Mamba2Reference(config, tensors), samples, "calibration 1/2 (sort statistic)")
+    reorderings = []
+    for layer in range(shapes.num_layers):
+        reordering = sort_and_cluster(stats.channel_mean_abs[layer], shapes)
+        tensors = transforms.permute_mamba2(
+            tensors, shapes, layer, reordering.head_index, reordering.channel_index
+        )
+        reorderings.append(reordering)
+    return tensors, reorderings
+
+
+def _per_channel_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = symmetric_scale(weight.abs().amax(dim=1, keepdim=True))
+    return quantize_int8(weight, scale), scale
+
+
+def _per_tensor_int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = symmetric_scale(t.abs().amax()).reshape(1)
+    return quantize_int8(t, scale), scale
+
+
+def _per_segment_int8(t: torch.Tensor, shapes: Mamba2Shapes) -> tuple[torch.Tensor, torch.Tensor]:
+    gs = shapes.n_groups * shapes.state_size
+    parts = torch.split(t, [shapes.intermediate_size, gs, gs])
+    scales = torch.stack([symmetric_scale(p.abs().amax()) for p in parts])
+    sizes = torch.tensor([shapes.intermediate_size, gs, gs])
+    per_channel = scales.repeat_interleave(sizes).reshape(-1, *([1] * (t.dim() - 1)))
+    return quantize_int8(t, per_channel), scales
+
+
+def _quantize_mixer(tensors, layer, shapes, stats: ActivationStats, reordering: Reordering):
+    prefix = mixer_prefix(layer)
+    t = lambda name: tensors[prefix + name]  # noqa: E731
+    scale = lambda point: stats.scale(layer, point)  # noqa: E731
+    out: dict[str, torch.Tensor] = {}
+    for linear, point in (("in_proj", "in_proj_input"), ("out_proj", "out_proj_input")):
+        out[f"{linear}.weight"], out[f"{linear}.weight_scale"] = _per_channel_int8(t(f"{linear}.weight"))
+        out[f"{linear}.input_scale"] = scale(point)
+    out["z_scale"], out["dt_scale"] = scale("z"), scale("dt")
+    out["conv1d.input_scale"] = torch.cat([scale("x_in"), scale("B_in"), scale("C_in")])
+    out["conv1d.weight"], out["conv1d.weight_scale"] = _per_segment_int8(t("conv1d.weight"), shapes)
+    out["conv1d.bias"], out["conv1d.bias_scale"] = _per_segment_int8(t("conv1d.bias"), shapes)
+    x_absmax = stats.absmax[(layer, "x")].reshape(shapes.num_heads, shapes.head_dim)
+    out["x_scales"] = symmetric_scale(group_absmax(x_absmax, reordering, shapes))
+    out["x_head_group_range"] = reordering.head_group_range
+    out["x_dim_group_range"] = reordering.dim_group_range
+    out["B_scale"], out["C_scale"] = scale("B"), scale("C")
+    out["A_log"], out["A_log_scale"] = _per_tensor_int8(t("A_log"))
+    out["D"], out["D_scale"] = _per_tensor_int8(t("D"))
+    out["dt_bias"] = t("dt_bias")
+    out["norm.weight"] = t("norm.weight")
+    out["ssm_state_scale"] = symmetric_scale(group_absmax(stats.absmax[(layer, "ssm_state")], reordering, shapes))
+    return {prefix + name: value.contiguous() for name, value in out.items()}
+
+
+def quantization_config(recipe: str, shapes: Mamba2Shapes, calib: dict[str, Any]) -> dict[str, Any]:
+    """compressed-tensors' own models for the linears, plus the ``quamba`` section."""
+    int8 = dict(num_bits=8, type="int", symmetric=True, dynamic=False)
+    scheme = QuantizationScheme(
+        targets=[r"re:.*mixer\.(in|out)_proj$"],
+        weights=QuantizationArgs(strategy="channel", **int8),
+        input_activations=QuantizationArgs(strategy="tensor", **int8),
+    )
+    config = QuantizationConfig(
+        config_groups={"group_0": scheme}, format="int-quantized", ignore=["lm_head"]
+    ).model_dump(mode="json", exclude_none=True)
+    config.pop("quantization_status", None)
+    config["quant_method"] = QUANT_METHOD
+    config["quamba"] = {
+        "recipe": recipe,
+        "method_version": METHOD_VERSION,
+        "architecture": "mamba2",
+        "hadamard": {"residual": shapes.hidden_size, "out_proj_input": shapes.intermediate_size},
+        "x_head_groups": HEAD_GROUPS,
+        "x_dim_groups": DIM_GROUPS,
+        "layer_precision": None,
+        "ssm_state_dtype": "int8",
+        "conv_state_dtype": "int8",
+        "weight_scales": "per-channel",
+        "calibration": calib,
+    }
+    return config
+
+
+def _write_checkpoint(out_dir: Path, config: dict, tensors: dict, tokenizer_dir: Path | None, overwrite: bool):
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    try:
+        save_file({k: tensors[k] for k in sorted(tensors)}, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for name in TOKENIZER_FILES if tokenizer_dir else ():
+            if (tokenizer_dir / name).is_file():
+                shutil.copyfile(tokenizer_dir / name, tmp / name)
+        if out_dir.exists() and overwrite:
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def quantize(
+    model: str | Path,
+    out_dir: str | Path,
+    recipe: str = "w8a8",
+    calib: str = DEFAULT_CALIBRATION,
+    calib_samples: int = 64,
+    calib_seqlen: int = 512,
+    tokenizer: str | Path | None = None,
+    overwrite: bool = False,
+    seed: int = 0,
+) -> Path:
+    """Quantize ``model`` (local dir or hub id) with ``recipe``; returns the output directory."""
+    out_dir = Path(out_dir)
+    check_request(model, recipe, out_dir, overwrite)
+    torch.manual_seed(seed)
+    source = load_source(model, tokenizer)
+    shapes = _check_shapes(source)
+    from transformers import AutoTokenizer
+
+    samples = calibration_samples(calib, AutoTokenizer.from_pretrained(source.tokenizer_dir), calib_samples, calib_seqlen)
+    tensors = transforms.rotate_residual(transforms.fold_norms(source.tensors))
+    tensors, reorderings = _reorder_all(tensors, shapes, source.config, samples)
+    tensors = transforms.fuse_out_proj_hadamard(tensors)
+    stats = _observe(
+        Mamba2Reference(source.config, tensors, online_hadamard=True), samples, "calibration 2/2 (scales)"
+    )
+    quantized = {name: t.contiguous() for name, t in tensors.items() if ".mixer." not in name}
+    for layer in range(shapes.num_layers):
+        quantized.update(_quantize_mixer(tensors, layer, shapes, stats, reorderings[layer]))
+    calib_info = {"source": str(calib), "samples": len(samples), "seqlen": calib_seqlen, "seed": seed}
+    config = {
+        **{k: v for k, v in source.config.items() if k != "torch_dtype"},
+        "tie_word_embeddings": False,
+        "dtype": "float32",
+        "quantization_config": quantization_config(recipe, shapes, calib_info),
+    }
+    _write_checkpoint(out_dir, config, quantized, source.tokenizer_dir, overwrite)
+    return out_dir

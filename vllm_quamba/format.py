@@ -1,0 +1,239 @@
+"""The quamba checkpoint format, defined once.
+
+The converter writes it (``converters/``) and the vLLM plugin reads it (``config.py``,
+``layers/``); both import this module, which imports neither vLLM nor the converter.
+
+A quamba checkpoint is a transformers-style directory (``config.json`` with the original
+``architectures``, tokenizer files, ``model.safetensors``) whose ``config.json`` carries a
+``quantization_config`` built from compressed-tensors' own models, with ``quant_method``
+set to ``"quamba"`` and a ``"quamba"`` section for everything compressed-tensors has no
+field for.
+
+Tensor names keep the transformers names of the source model (``backbone.layers.{i}.mixer.*``)
+so that vLLM's Mamba loaders find them. Per quantized Mamba2 mixer (W8A8), besides the
+unchanged fp ``dt_bias`` and gated-norm ``norm.weight`` (both already permuted):
+
+==============================  ==========  ===========================  =========================
+name (under ``...mixer.``)      dtype       shape                        meaning
+==============================  ==========  ===========================  =========================
+in_proj.weight                  int8        [2I+2GN+H, D]                rows permuted, Hadamard fused
+in_proj.weight_scale            float32     [2I+2GN+H, 1]                per output channel
+in_proj.input_scale             float32     [1]                          static, block-norm output
+out_proj.weight                 int8        [D, I]                       both Hadamards fused
+out_proj.weight_scale           float32     [D, 1]                       per output channel
+out_proj.input_scale            float32     [1]                          static, after online Hadamard
+z_scale                         float32     [1]                          in_proj output z
+dt_scale                        float32     [1]                          in_proj output dt (raw)
+conv1d.input_scale              float32     [3]                          in_proj output x, B, C
+conv1d.weight                   int8        [I+2GN, 1, K]                per-segment scales
+conv1d.weight_scale             float32     [3]                          x, B, C segments
+conv1d.bias                     int8        [I+2GN]
+conv1d.bias_scale               float32     [3]                          x, B, C segments
+x_scales                        float32     [G, HG, DG]                  conv output x (SSM input)
+x_head_group_range              int32       [G, HG]                      cumsum of head-group sizes
+x_dim_group_range               int32       [G, HG, DG]                  cumsum of dim-group sizes
+B_scale, C_scale                float32     [G]                          conv output B and C
+A_log                           int8        [H]
+A_log_scale                     float32     [1]
+D                               int8        [H]
+D_scale                         float32     [1]
+ssm_state_scale                 float32     [G, HG, DG, N]               int8 decode state
+==============================  ==========  ===========================  =========================
+
+I = d_inner (intermediate_size), G = n_groups, N = d_state (state_size), H = num_heads,
+D = hidden_size, K = conv_kernel, HG/DG = head/dim groups of the sort-and-cluster step.
+Heads and channels are already permuted: the checkpoint is self-consistent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from .kernels.quamba2_ssm import Quamba2SSMParams
+
+QUANT_METHOD = "quamba"
+METHOD_VERSION = 1
+RECIPES = ("w8a8", "w4a8", "w4a16", "w4ax")
+SUPPORTED_ARCHITECTURES = {"Mamba2ForCausalLM": "mamba2", "MambaForCausalLM": "mamba"}
+
+# Sort-and-cluster group counts of Quamba2 (quamba.md section 2.1).
+HEAD_GROUPS = 4
+DIM_GROUPS = 4
+
+WEIGHTS_FILE = "model.safetensors"
+# The two linears of a Mamba2 mixer that the W8A8 recipe quantizes.
+MAMBA2_QUANTIZED_LINEARS = ("in_proj", "out_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mamba2Shapes:
+    """The sizes of one Mamba2 mixer, read from a transformers ``Mamba2Config`` dict."""
+
+    hidden_size: int
+    intermediate_size: int
+    n_groups: int
+    state_size: int
+    num_heads: int
+    head_dim: int
+    conv_kernel: int
+    num_layers: int
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> "Mamba2Shapes":
+        hidden = cfg["hidden_size"]
+        heads = cfg["num_heads"]
+        head_dim = cfg["head_dim"]
+        intermediate = cfg.get("intermediate_size") or int(cfg.get("expand", 2) * hidden)
+        if heads * head_dim != intermediate:
+            raise ValueError(
+                f"num_heads*head_dim = {heads}*{head_dim} != intermediate_size {intermediate}"
+            )
+        return cls(
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            n_groups=cfg.get("n_groups", 1),
+            state_size=cfg["state_size"],
+            num_heads=heads,
+            head_dim=head_dim,
+            conv_kernel=cfg.get("conv_kernel", 4),
+            num_layers=cfg["num_hidden_layers"],
+        )
+
+    @property
+    def conv_dim(self) -> int:
+        return self.intermediate_size + 2 * self.n_groups * self.state_size
+
+    @property
+    def in_proj_dim(self) -> int:
+        return self.intermediate_size + self.conv_dim + self.num_heads
+
+
+def mamba2_w8a8_mixer_tensors(s: Mamba2Shapes) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of every tensor a W8A8 Mamba2 mixer must have (see the table)."""
+    f32, i8, i32 = torch.float32, torch.int8, torch.int32
+    G, N, H = s.n_groups, s.state_size, s.num_heads
+    return {
+        "in_proj.weight": ((s.in_proj_dim, s.hidden_size), i8),
+        "in_proj.weight_scale": ((s.in_proj_dim, 1), f32),
+        "in_proj.input_scale": ((1,), f32),
+        "out_proj.weight": ((s.hidden_size, s.intermediate_size), i8),
+        "out_proj.weight_scale": ((s.hidden_size, 1), f32),
+        "out_proj.input_scale": ((1,), f32),
+        "z_scale": ((1,), f32),
+        "dt_scale": ((1,), f32),
+        "conv1d.input_scale": ((3,), f32),
+        "conv1d.weight": ((s.conv_dim, 1, s.conv_kernel), i8),
+        "conv1d.weight_scale": ((3,), f32),
+        "conv1d.bias": ((s.conv_dim,), i8),
+        "conv1d.bias_scale": ((3,), f32),
+        "x_scales": ((G, HEAD_GROUPS, DIM_GROUPS), f32),
+        "x_head_group_range": ((G, HEAD_GROUPS), i32),
+        "x_dim_group_range": ((G, HEAD_GROUPS, DIM_GROUPS), i32),
+        "B_scale": ((G,), f32),
+        "C_scale": ((G,), f32),
+        "A_log": ((H,), i8),
+        "A_log_scale": ((1,), f32),
+        "D": ((H,), i8),
+        "D_scale": ((1,), f32),
+        "dt_bias": ((H,), f32),
+        "norm.weight": ((s.intermediate_size,), f32),
+        "ssm_state_scale": ((G, HEAD_GROUPS, DIM_GROUPS, N), f32),
+    }
+
+
+def mixer_prefix(layer: int) -> str:
+    return f"backbone.layers.{layer}.mixer."
+
+
+class QuambaFormatError(ValueError):
+    """A checkpoint that does not follow this format; the message names the tensor or field."""
+
+
+def check_tensor(name: str, tensor: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """Raise QuambaFormatError naming ``name`` unless the tensor has this shape, dtype, finite values."""
+    if tuple(tensor.shape) != tuple(shape):
+        raise QuambaFormatError(
+            f"quamba checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(shape)}"
+        )
+    if tensor.dtype != dtype:
+        raise QuambaFormatError(
+            f"quamba checkpoint tensor {name!r} has dtype {tensor.dtype}, expected {dtype}"
+        )
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise QuambaFormatError(f"quamba checkpoint tensor {name!r} contains NaN or Inf")
+
+
+def quamba_section(quantization_config: dict[str, Any]) -> dict[str, Any]:
+    """The ``quamba`` section of a ``quantization_config``, validated."""
+    method = str(quantization_config.get("quant_method", "")).lower()
+    if method != QUANT_METHOD:
+        raise QuambaFormatError(
+            f"quantization_config.quant_method is {method!r}, expected {QUANT_METHOD!r}"
+        )
+    section = quantization_config.get("quamba")
+    if not isinstance(section, dict):
+        raise QuambaFormatError("quantization_config has no 'quamba' section")
+    for key in ("recipe", "method_version", "architecture"):
+        if key not in section:
+            raise QuambaFormatError(f"quantization_config.quamba.{key} is missing")
+    if section["recipe"] not in RECIPES:
+        raise QuambaFormatError(
+            f"quantization_config.quamba.recipe is {section['recipe']!r}, expected one of {RECIPES}"
+        )
+    if section["method_version"] != METHOD_VERSION:
+        raise QuambaFormatError(
+            f"quantization_config.quamba.method_version is {section['method_version']!r}; "
+            f"this vllm-quamba reads version {METHOD_VERSION}"
+        )
+    return section
+
+
+def _per_segment(scales: torch.Tensor, s: Mamba2Shapes) -> torch.Tensor:
+    """Expand [3] per-segment (x, B, C) scales to one per conv channel."""
+    group_state = s.n_groups * s.state_size
+    sizes = torch.tensor([s.intermediate_size, group_state, group_state])
+    return scales.float().repeat_interleave(sizes)
+
+
+def mamba2_ssm_params(
+    tensors: dict[str, torch.Tensor], s: Mamba2Shapes, norm_eps: float, chunk_size: int
+) -> "Quamba2SSMParams":
+    """Build the runtime/simulation parameters of one W8A8 Mamba2 mixer from its tensors.
+
+    ``tensors`` maps the mixer-relative names of the table above to tensors.
+    """
+    from .kernels.quamba2_ssm import Quamba2SSMParams, expand_group_scales
+    from .kernels.quant import dequantize_int8
+
+    t = tensors
+    head_range, dim_range = t["x_head_group_range"].long(), t["x_dim_group_range"].long()
+    x_scale = expand_group_scales(t["x_scales"], head_range, dim_range, s.num_heads, s.head_dim)
+    conv_weight_scale = _per_segment(t["conv1d.weight_scale"], s)
+    return Quamba2SSMParams(
+        intermediate_size=s.intermediate_size,
+        n_groups=s.n_groups,
+        state_size=s.state_size,
+        head_dim=s.head_dim,
+        chunk_size=chunk_size,
+        norm_eps=norm_eps,
+        z_scale=t["z_scale"].float(),
+        dt_scale=t["dt_scale"].float(),
+        xbc_in_scale=_per_segment(t["conv1d.input_scale"], s),
+        conv_weight=dequantize_int8(t["conv1d.weight"].reshape(s.conv_dim, -1), conv_weight_scale[:, None]),
+        conv_bias=dequantize_int8(t["conv1d.bias"], _per_segment(t["conv1d.bias_scale"], s)),
+        xbc_out_scale=torch.cat(
+            [x_scale.reshape(-1)]
+            + [t[name].float().repeat_interleave(s.state_size) for name in ("B_scale", "C_scale")]
+        ),
+        A=-torch.exp(dequantize_int8(t["A_log"], t["A_log_scale"])),
+        D=dequantize_int8(t["D"], t["D_scale"]),
+        dt_bias=t["dt_bias"].float(),
+        norm_weight=t["norm.weight"].float(),
+        state_scale=expand_group_scales(
+            t["ssm_state_scale"], head_range, dim_range, s.num_heads, s.head_dim
+        ),
+    )
