@@ -1,0 +1,36 @@
+"""Symmetric int8 quantization.
+
+    scale = max(amax / (2^(bits-1) - 1), eps)
+    q     = clamp(round_half_to_even(x / scale), -128, 127)
+    x_hat = q * scale
+
+`scale` broadcasts against x with ordinary torch broadcasting (per-tensor scalar, or e.g.
+a per-channel [C] scale against x of shape [T, C]).
+"""
+
+import torch
+
+INT8_MIN, INT8_MAX = -128, 127
+
+
+def symmetric_scale(amax: torch.Tensor | float, bits: int = 8, eps: float = 1e-6) -> torch.Tensor:
+    """float32 scale mapping |x| <= amax onto [-(2^(bits-1) - 1), 2^(bits-1) - 1]."""
+    amax = torch.as_tensor(amax, dtype=torch.float32)
+    return (amax / (2 ** (bits - 1) - 1)).clamp(min=eps)
+
+
+def quantize_int8(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+    # torch.round rounds half to even; fast kernels must match it (rint), not round half away from zero.
+    q = torch.round(x.to(torch.float32) / scale)
+    return q.clamp(INT8_MIN, INT8_MAX).to(torch.int8)
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    scale = torch.as_tensor(scale, dtype=torch.float32, device=q.device)
+    return q.to(torch.float32) * scale
+
+
+def fake_quant_int8(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """Quantize-dequantize round trip, returned in x's dtype."""
+    return dequantize_int8(quantize_int8(x, scale), scale).to(x.dtype)
