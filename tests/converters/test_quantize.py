@@ -23,8 +23,8 @@ FAST = dict(calib_samples=4, calib_seqlen=64)
 
 
 @pytest.fixture(scope="module")
-def quantized(tiny_mamba2, calib_file, tmp_path_factory):
-    return quantize(tiny_mamba2, tmp_path_factory.mktemp("q") / "out", calib=str(calib_file), **FAST)
+def quantized(random_tiny_mamba2, calib_file, tmp_path_factory):
+    return quantize(random_tiny_mamba2, tmp_path_factory.mktemp("q") / "out", calib=str(calib_file), **FAST)
 
 
 def test_checkpoint_follows_the_format(quantized):
@@ -42,15 +42,15 @@ def test_checkpoint_follows_the_format(quantized):
     assert (quantized / "tokenizer.json").is_file()
 
 
-def test_same_inputs_give_byte_identical_files(quantized, tiny_mamba2, calib_file, tmp_path):
-    again = quantize(tiny_mamba2, tmp_path / "again", calib=str(calib_file), **FAST)
+def test_same_inputs_give_byte_identical_files(quantized, random_tiny_mamba2, calib_file, tmp_path):
+    again = quantize(random_tiny_mamba2, tmp_path / "again", calib=str(calib_file), **FAST)
     for name in ("model.safetensors", "config.json", "tokenizer.json"):
         assert (again / name).read_bytes() == (quantized / name).read_bytes(), name
 
 
-def test_unknown_recipe_fails_before_work(tiny_mamba2, tmp_path):
+def test_unknown_recipe_fails_before_work(random_tiny_mamba2, tmp_path):
     with pytest.raises(QuantizeError, match="unknown recipe 'w3a3'"):
-        quantize(tiny_mamba2, tmp_path / "out", recipe="w3a3")
+        quantize(random_tiny_mamba2, tmp_path / "out", recipe="w3a3")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -63,53 +63,29 @@ def test_non_mamba_model_fails_before_work(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama"]
 
 
-def test_existing_output_is_refused_unless_overwrite(quantized, tiny_mamba2, calib_file):
+def test_existing_output_is_refused_unless_overwrite(quantized, random_tiny_mamba2, calib_file):
     before = (quantized / "model.safetensors").read_bytes()
     with pytest.raises(QuantizeError, match="exists; pass --overwrite"):
-        quantize(tiny_mamba2, quantized, calib=str(calib_file), **FAST)
+        quantize(random_tiny_mamba2, quantized, calib=str(calib_file), **FAST)
     assert (quantized / "model.safetensors").read_bytes() == before
 
 
-def test_calibration_errors_leave_nothing_behind(tiny_mamba2, tmp_path):
+def test_calibration_errors_leave_nothing_behind(random_tiny_mamba2, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     with pytest.raises(CalibrationDataError, match="holds no text"):
-        quantize(tiny_mamba2, tmp_path / "out1", calib=str(empty), **FAST)
+        quantize(random_tiny_mamba2, tmp_path / "out1", calib=str(empty), **FAST)
     short = tmp_path / "short.txt"
     short.write_text("Too short to fill one sample.")
     with pytest.raises(CalibrationDataError, match="fewer than one sample"):
-        quantize(tiny_mamba2, tmp_path / "out2", calib=str(short), **FAST)
+        quantize(random_tiny_mamba2, tmp_path / "out2", calib=str(short), **FAST)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "short.txt"]
 
 
-def test_reads_mamba_ssm_format(tiny_mamba2, tmp_path):
-    """A mamba_ssm checkpoint (d_model/n_layer/ssm_cfg + pytorch_model.bin) reads as the same model."""
-    from vllm_quamba.converters.source import load_source
-
-    hf = load_source(tiny_mamba2)
-    cfg = hf.config
-    ssm_dir = tmp_path / "ssm"
-    ssm_dir.mkdir()
-    (ssm_dir / "config.json").write_text(json.dumps({
-        "d_model": cfg["hidden_size"], "n_layer": cfg["num_hidden_layers"], "vocab_size": cfg["vocab_size"],
-        "pad_vocab_size_multiple": 16, "tie_embeddings": True,
-        "ssm_cfg": {"layer": "Mamba2", "d_state": cfg["state_size"], "headdim": cfg["head_dim"],
-                    "ngroups": cfg["n_groups"], "chunk_size": cfg["chunk_size"]},
-    }))
-    renamed = {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in hf.tensors.items() if k != "lm_head.weight"}
-    torch.save(renamed, ssm_dir / "pytorch_model.bin")
-    ssm = load_source(ssm_dir, tokenizer=tiny_mamba2)
-    assert ssm.architecture == "Mamba2ForCausalLM"
-    for key in ("hidden_size", "num_hidden_layers", "num_heads", "head_dim", "state_size", "n_groups"):
-        assert ssm.config[key] == cfg[key], key
-    assert ssm.tensors.keys() == hf.tensors.keys()
-    assert all(torch.equal(ssm.tensors[k], hf.tensors[k]) for k in hf.tensors)
-
-
-def test_mamba_ssm_package_is_never_imported(tiny_mamba2, calib_file, tmp_path):
+def test_mamba_ssm_package_is_never_imported(random_tiny_mamba2, calib_file, tmp_path):
     code = (
         "import sys; from vllm_quamba.converters.quantize import quantize; "
-        f"quantize({str(tiny_mamba2)!r}, {str(tmp_path / 'o')!r}, calib={str(calib_file)!r}, calib_samples=2, calib_seqlen=32); "
+        f"quantize({str(random_tiny_mamba2)!r}, {str(tmp_path / 'o')!r}, calib={str(calib_file)!r}, calib_samples=2, calib_seqlen=32); "
         "assert 'mamba_ssm' not in sys.modules and 'vllm' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)

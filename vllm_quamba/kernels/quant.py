@@ -21,8 +21,9 @@ def symmetric_scale(amax: torch.Tensor | float, bits: int = 8, eps: float = 1e-6
 
 def quantize_int8(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
     scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
-    # torch.round rounds half to even; fast kernels must match it (rint), not round half away from zero.
-    q = torch.round(x.to(torch.float32) / scale)
+    # Multiply by the reciprocal as vLLM's static int8 quant op does, so that both round the
+    # same fp32 value; torch.round rounds half to even (rint), as that op does too.
+    q = torch.round(x.to(torch.float32) * scale.reciprocal())
     return q.clamp(INT8_MIN, INT8_MAX).to(torch.int8)
 
 

@@ -1,0 +1,52 @@
+"""Shared fixtures: the trained tiny fixtures, random tiny models, and converter outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.tiny_models import make_tiny_mamba2
+
+ASSETS = Path(__file__).parent / "assets"
+TINY_MAMBA2 = ASSETS / "tiny-mamba2"
+
+
+@pytest.fixture(scope="session")
+def random_tiny_mamba2(tmp_path_factory) -> Path:
+    """A random-weight tiny Mamba2 (hidden 64, 2 layers, 8 heads of 16, state 16) + byte tokenizer."""
+    return make_tiny_mamba2(tmp_path_factory.mktemp("tiny-mamba2-random") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_mamba2() -> Path:
+    """The bundled tiny Mamba2 trained on real text (tests/assets/train_tiny.py)."""
+    return TINY_MAMBA2
+
+
+@pytest.fixture(scope="session")
+def calib_file(tmp_path_factory) -> Path:
+    """A small calibration text file (Python's own documentation topics)."""
+    import pydoc_data.topics
+
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text("\n\n".join(list(pydoc_data.topics.topics.values())[:60]))
+    return path
+
+
+@pytest.fixture(scope="session")
+def quamba_ckpt(random_tiny_mamba2, calib_file, tmp_path_factory) -> Path:
+    """The random tiny Mamba2 quantized W8A8 by the converter (fast: 4 short samples)."""
+    from vllm_quamba.converters.quantize import quantize
+
+    out = tmp_path_factory.mktemp("quamba-random") / "w8a8"
+    return quantize(random_tiny_mamba2, out, calib=str(calib_file), calib_samples=4, calib_seqlen=64)
+
+
+@pytest.fixture(scope="session")
+def quantized_tiny(tmp_path_factory) -> Path:
+    """The bundled trained tiny Mamba2, quantized W8A8 on the embedded calibration set."""
+    from vllm_quamba.converters.quantize import quantize
+
+    out = tmp_path_factory.mktemp("q") / "tiny-w8a8"
+    return quantize(TINY_MAMBA2, out, calib_samples=32, calib_seqlen=256)

@@ -1,0 +1,236 @@
+"""The ``quamba`` quantization method of vLLM.
+
+``QuambaConfig`` is vLLM's compressed-tensors config plus the checkpoint's ``quamba`` section
+(``format.quamba_section``). The linears that the checkpoint quantizes (the Mamba2 mixers'
+``in_proj``/``out_proj``) keep compressed-tensors' own schemes, weight loading and kernels:
+the checkpoint declares them as int8 channel-wise weights (``weight_scale`` [N, 1]) with a
+static symmetric per-tensor int8 ``input_scale``, which vLLM maps to
+``CompressedTensorsW8A8Int8`` (on CPU: ``CPUInt8ScaledMMLinearKernel`` -> oneDNN; its input
+quantization is ``round_half_even(x * (1 / input_scale))`` clamped to [-128, 127]).
+The SSM side (conv1d, scan, state) is handled by ``layers.mamba2_mixer.QuambaMixer2``,
+which the model class ``layers.models.QuambaMamba2ForCausalLM`` builds when it sees this config.
+
+The class lives at module level: vLLM pickles the config object into the engine and worker
+processes.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any
+
+import torch
+from compressed_tensors.quantization import QuantizationStrategy
+from vllm.model_executor.layers.linear import LinearBase
+from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
+from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
+    CompressedTensorsConfig,
+    CompressedTensorsLinearMethod,
+)
+from vllm.model_executor.layers.quantization.compressed_tensors.schemes import (
+    CompressedTensorsW8A8Int8,
+)
+
+from .format import (
+    MAMBA2_QUANTIZED_LINEARS,
+    QUANT_METHOD,
+    Mamba2Shapes,
+    QuambaFormatError,
+    mamba2_w8a8_mixer_tensors,
+    mixer_prefix,
+    quamba_section,
+)
+
+# Recipes this runtime can serve. The format knows more (format.RECIPES); the others fail
+# clearly at engine start instead of loading weights they cannot run.
+SERVED_RECIPES = ("w8a8",)
+
+
+def is_quamba_checkpoint_config(hf_quant_cfg: dict[str, Any] | None) -> bool:
+    return (
+        isinstance(hf_quant_cfg, dict)
+        and str(hf_quant_cfg.get("quant_method", "")).lower() == QUANT_METHOD
+    )
+
+
+class QuambaConfig(CompressedTensorsConfig):
+    """compressed-tensors linears + the quamba SSM section of a quamba checkpoint."""
+
+    def __init__(
+        self,
+        target_scheme_map: dict[str, Any] | None = None,
+        ignore: list[str] | None = None,
+        quant_format: str | None = None,
+        **kwargs: Any,
+    ):
+        if target_scheme_map is None:
+            # vLLM builds a config with no arguments only when quantization="quamba" was asked
+            # for and the model's config.json carries no quantization_config at all
+            # (weight_utils.get_quant_config).
+            raise QuambaFormatError(
+                "quantization='quamba' was requested, but the model's config.json has no "
+                "quantization_config: it is not a quamba checkpoint. Make one with "
+                "`vllm-quamba quantize MODEL --recipe w8a8 --out DIR` and serve DIR."
+            )
+        super().__init__(target_scheme_map, ignore or [], quant_format, **kwargs)
+        self.quamba: dict[str, Any] = {}
+
+    # ----- QuantizationConfig interface -------------------------------------------------
+    def get_name(self) -> str:
+        return QUANT_METHOD
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        # The SSM path has torch (CPU) code; the linears' own schemes check their capability.
+        return -1
+
+    @classmethod
+    def get_supported_act_dtypes(cls) -> list[torch.dtype]:
+        return [torch.float32, torch.bfloat16, torch.float16]
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "QuambaConfig":
+        section = quamba_section(config)  # raises QuambaFormatError naming the bad field
+        if section["recipe"] not in SERVED_RECIPES:
+            raise QuambaFormatError(
+                f"quantization_config.quamba.recipe is {section['recipe']!r}; this version of "
+                f"the vllm-quamba runtime serves only {SERVED_RECIPES}"
+            )
+        # CompressedTensorsConfig.from_config edits config["config_groups"] in place.
+        instance = super().from_config(dict(config))
+        assert isinstance(instance, cls)
+        instance.quamba = dict(section)
+        return instance
+
+    @classmethod
+    def override_quantization_method(
+        cls,
+        hf_quant_cfg: dict[str, Any],
+        user_quant: str | None,
+        hf_config: Any = None,
+    ) -> str | None:
+        if is_quamba_checkpoint_config(hf_quant_cfg):
+            return QUANT_METHOD
+        if user_quant == QUANT_METHOD:
+            found = hf_quant_cfg.get("quant_method") if isinstance(hf_quant_cfg, dict) else None
+            raise QuambaFormatError(
+                "quantization='quamba' was requested, but this checkpoint is not a quamba "
+                f"checkpoint: its quantization_config.quant_method is {found!r}, expected "
+                f"{QUANT_METHOD!r}. Make one with `vllm-quamba quantize`."
+            )
+        return None
+
+    def maybe_update_config(
+        self, model_name: str, hf_config: Any = None, revision: str | None = None
+    ) -> None:
+        """Pre-flight check, in the process that builds the engine config.
+
+        A malformed checkpoint would otherwise fail inside the worker process, where vLLM only
+        logs the cause and the caller sees "Engine core initialization failed". Here the error
+        (naming the tensor) reaches the caller of ``LLM(...)`` / ``vllm serve`` directly. Only
+        names, shapes and dtypes are read (safetensors headers); the worker checks the values.
+        """
+        super().maybe_update_config(model_name, hf_config=hf_config, revision=revision)
+        if hf_config is None:
+            return
+        architectures = list(getattr(hf_config, "architectures", None) or [])
+        if "Mamba2ForCausalLM" not in architectures:
+            raise QuambaFormatError(
+                f"quamba checkpoint architectures {architectures}: this version of the "
+                "vllm-quamba runtime serves Mamba2ForCausalLM only"
+            )
+        if os.path.isdir(model_name):
+            check_checkpoint_headers(model_name, hf_config.to_dict())
+
+    @property
+    def recipe(self) -> str:
+        return self.quamba.get("recipe", "")
+
+    def get_quant_method(
+        self, layer: torch.nn.Module, prefix: str
+    ) -> QuantizeMethodBase | None:
+        method = super().get_quant_method(layer, prefix)
+        if isinstance(layer, LinearBase) and _is_mixer_linear(prefix):
+            self._check_w8a8_linear(layer, prefix, method)
+        return method
+
+    def _check_w8a8_linear(
+        self, layer: torch.nn.Module, prefix: str, method: QuantizeMethodBase | None
+    ) -> None:
+        """The mixer linears of a w8a8 checkpoint must resolve to the static int8 scheme.
+
+        Anything else would load int8 weights into the wrong parameters (or silently cast
+        them), so fail at engine start and name the layer.
+        """
+        if self.recipe != "w8a8":
+            return
+        scheme = getattr(layer, "scheme", None)
+        if not isinstance(method, CompressedTensorsLinearMethod) or not isinstance(
+            scheme, CompressedTensorsW8A8Int8
+        ):
+            raise QuambaFormatError(
+                f"quantization_config.config_groups do not quantize {prefix!r} as W8A8 int8 "
+                f"(got {type(scheme).__name__ if scheme is not None else type(method).__name__}); "
+                "a quamba w8a8 checkpoint quantizes every mixer in_proj/out_proj"
+            )
+        if not (
+            scheme.is_static_input_scheme
+            and scheme.input_symmetric
+            and scheme.strategy == QuantizationStrategy.CHANNEL
+        ):
+            raise QuambaFormatError(
+                f"quantization_config.config_groups give {prefix!r} strategy={scheme.strategy}, "
+                f"static input={scheme.is_static_input_scheme}, symmetric input="
+                f"{scheme.input_symmetric}; a quamba w8a8 checkpoint uses channel-wise int8 "
+                "weights and a static symmetric per-tensor int8 input scale"
+            )
+
+
+def _is_mixer_linear(prefix: str) -> bool:
+    parts = prefix.split(".")
+    return len(parts) >= 2 and parts[-2] == "mixer" and parts[-1] in MAMBA2_QUANTIZED_LINEARS
+
+
+_SAFETENSORS_DTYPES = {torch.int8: "I8", torch.int32: "I32", torch.float32: "F32"}
+
+
+def check_checkpoint_headers(model_dir: str, hf_config: dict[str, Any]) -> None:
+    """Every W8A8 mixer tensor of the format is in the checkpoint with its shape and dtype,
+    and no unknown tensor sits under a mixer. Raises QuambaFormatError naming the tensor."""
+    from safetensors import safe_open
+
+    headers: dict[str, tuple[tuple[int, ...], str]] = {}
+    for path in sorted(glob.glob(os.path.join(model_dir, "*.safetensors"))):
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                piece = f.get_slice(name)
+                headers[name] = (tuple(piece.get_shape()), piece.get_dtype())
+    if not headers:
+        return  # not a local safetensors checkpoint: the worker's checks still apply
+    shapes = Mamba2Shapes.from_config(hf_config)
+    table = mamba2_w8a8_mixer_tensors(shapes)
+    for layer in range(shapes.num_layers):
+        prefix = mixer_prefix(layer)
+        for rel, (shape, dtype) in table.items():
+            name = prefix + rel
+            if name not in headers:
+                raise QuambaFormatError(f"quamba checkpoint is missing tensor(s) {name!r}")
+            found_shape, found_dtype = headers[name]
+            if found_shape != tuple(shape):
+                raise QuambaFormatError(
+                    f"quamba checkpoint tensor {name!r} has shape {found_shape}, "
+                    f"expected {tuple(shape)}"
+                )
+            if found_dtype != _SAFETENSORS_DTYPES[dtype]:
+                raise QuambaFormatError(
+                    f"quamba checkpoint tensor {name!r} has dtype {found_dtype}, "
+                    f"expected {_SAFETENSORS_DTYPES[dtype]} ({dtype})"
+                )
+        unknown = sorted(
+            n for n in headers if n.startswith(prefix) and n[len(prefix):] not in table
+        )
+        if unknown:
+            raise QuambaFormatError(
+                f"quamba checkpoint has unknown mixer tensor(s) {unknown[:8]}"
+            )

@@ -1,0 +1,321 @@
+"""QuambaMixer2: vLLM's MambaMixer2 with the Quamba2 W8A8 SSM path and int8 state cache.
+
+Forward, per layer (numerics defined in ``vllm_quamba.kernels.quamba2_ssm``):
+
+    in_proj (compressed-tensors W8A8 int8 scheme, static input scale)
+    -> torch.ops.vllm.mamba_mixer2 (vLLM's custom op; it looks this layer up by name and calls
+       ``conv_ssm_forward``, which we override):
+         decode tokens (first in the batch): one batched ``quamba2_ssm_decode_ref``
+         prefill sequences: one ``quamba2_ssm_prefill_ref`` per sequence
+       each reading/writing its int8 (conv, ssm) states in vLLM's Mamba state cache;
+       the result is already the gated-RMSNorm output y
+    -> online Hadamard transform of y (``kernels.hadamard``)
+    -> out_proj (compressed-tensors W8A8 int8 scheme, static input scale)
+
+Parameters: in_proj/out_proj come from their quant scheme; every other tensor of the format
+table (``format.mamba2_w8a8_mixer_tensors``) is a plain parameter of the checkpoint's dtype,
+validated when loaded and again after loading (``process_weights_after_loading``, which vLLM
+calls on every AttentionLayerBase once all weights are in), where ``self.ssm_params`` is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from vllm.config import CacheConfig, ModelConfig
+from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.forward_context import get_forward_context
+from vllm.model_executor.layers.mamba.mamba_mixer2 import MambaMixer2
+from vllm.model_executor.layers.mamba.mamba_utils import is_conv_state_dim_first
+from vllm.model_executor.layers.quantization import QuantizationConfig
+from vllm.model_executor.utils import set_weight_attrs
+from vllm.utils.torch_utils import _encode_layer_name
+
+from ..format import (
+    MAMBA2_QUANTIZED_LINEARS,
+    Mamba2Shapes,
+    QuambaFormatError,
+    check_tensor,
+    mamba2_ssm_params,
+    mamba2_w8a8_mixer_tensors,
+)
+from ..kernels.hadamard import hadamard_transform_ref
+from ..kernels.quamba2_ssm import (
+    Quamba2SSMParams,
+    quamba2_ssm_decode_ref,
+    quamba2_ssm_prefill_ref,
+)
+
+# The int8 (conv_state, ssm_state) of every quamba layer in vLLM's Mamba state cache.
+QUAMBA_STATE_DTYPES = (torch.int8, torch.int8)
+
+# Submodules that, in the stock mixer, hold SSM tensors of the table; here they become plain
+# parameter holders (conv1d is an int8 tensor with per-segment scales, not a Linear).
+_HOLDER_MODULES = ("conv1d", "norm")
+
+
+def vllm_relative_name(checkpoint_relative: str) -> str:
+    """The mixer-relative name a checkpoint tensor gets after Mamba2's weight mapper.
+
+    ``Mamba2ForCausalLM.hf_to_vllm_mapper`` renames the substring ".A_log" to ".A", so
+    ``A_log`` arrives as ``A`` and ``A_log_scale`` as ``A_scale``.
+    """
+    return ("." + checkpoint_relative).replace(".A_log", ".A")[1:]
+
+
+def quamba_mixer_ssm_tensors(shapes: Mamba2Shapes) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The format table's mixer tensors that the mixer owns (all but in_proj/out_proj)."""
+    return {
+        name: spec
+        for name, spec in mamba2_w8a8_mixer_tensors(shapes).items()
+        if name.split(".")[0] not in MAMBA2_QUANTIZED_LINEARS
+    }
+
+
+class _TensorHolder(nn.Module):
+    """A bare container of parameters (keeps checkpoint names like ``conv1d.weight``)."""
+
+
+def _checked_loader(
+    checkpoint_name: str, shape: tuple[int, ...], dtype: torch.dtype
+) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    def load(param: torch.Tensor, loaded: torch.Tensor) -> None:
+        check_tensor(checkpoint_name, loaded, shape, dtype)
+        param.data.copy_(loaded)
+
+    return load
+
+
+class QuambaMixer2(MambaMixer2):
+    """Mamba2 mixer of a quamba W8A8 checkpoint (tensor parallel size 1)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        ssm_state_size: int,
+        conv_kernel_size: int,
+        intermediate_size: int,
+        use_conv_bias: bool,
+        use_bias: bool,
+        n_groups: int = 1,
+        num_heads: int = 128,
+        head_dim: int = 64,
+        rms_norm_eps: float = 1e-5,
+        activation: str = "silu",
+        use_rms_norm: bool = True,
+        model_config: ModelConfig | None = None,
+        cache_config: CacheConfig | None = None,
+        quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
+    ):
+        tp_size = get_tensor_model_parallel_world_size()
+        if tp_size != 1:
+            raise NotImplementedError(
+                f"quamba checkpoints are served with tensor_parallel_size=1 only (got {tp_size})"
+            )
+        if not use_rms_norm:
+            raise NotImplementedError("quamba Mamba2 mixers need the gated RMSNorm")
+        if activation not in ("silu", "swish"):
+            raise NotImplementedError(f"quamba Mamba2 mixers use SiLU, not {activation!r}")
+        super().__init__(
+            hidden_size=hidden_size,
+            ssm_state_size=ssm_state_size,
+            conv_kernel_size=conv_kernel_size,
+            intermediate_size=intermediate_size,
+            use_conv_bias=use_conv_bias,
+            use_bias=use_bias,
+            n_groups=n_groups,
+            num_heads=num_heads,
+            head_dim=head_dim,
+            rms_norm_eps=rms_norm_eps,
+            activation=activation,
+            use_rms_norm=use_rms_norm,
+            model_config=model_config,
+            cache_config=cache_config,
+            quant_config=quant_config,
+            prefix=prefix,
+        )
+        if self.num_spec > 0:
+            raise NotImplementedError("speculative decoding is not supported with quamba checkpoints")
+        if self.use_replayssm:
+            raise NotImplementedError("--use-replayssm is not supported with quamba checkpoints")
+        if cache_config is not None and cache_config.mamba_cache_mode != "none":
+            raise NotImplementedError(
+                f"mamba_cache_mode={cache_config.mamba_cache_mode!r} (prefix caching) is not "
+                "supported with quamba checkpoints; run without --enable-prefix-caching"
+            )
+
+        num_layers = getattr(getattr(model_config, "hf_config", None), "num_hidden_layers", 0)
+        self.shapes = Mamba2Shapes(
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            n_groups=n_groups,
+            state_size=ssm_state_size,
+            num_heads=num_heads,
+            head_dim=head_dim,
+            conv_kernel=conv_kernel_size,
+            num_layers=num_layers or 0,
+        )
+        self.rms_norm_eps = rms_norm_eps
+        self.chunk_size = model_config.get_mamba_chunk_size() if model_config is not None else 256
+
+        # Drop the stock fp SSM parameters (conv1d Linear and its weight view, A, D, dt_bias,
+        # the gated norm) and register the format's tensors with their own dtypes instead.
+        del self.conv_weights
+        for name in ("A", "D", "dt_bias"):
+            delattr(self, name)
+        for name in _HOLDER_MODULES:
+            delattr(self, name)
+            setattr(self, name, _TensorHolder())
+
+        self._ssm_tensor_specs = quamba_mixer_ssm_tensors(self.shapes)
+        for ckpt_name, (shape, dtype) in self._ssm_tensor_specs.items():
+            owner, param_name = self._owner_of(ckpt_name)
+            param = nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False)
+            set_weight_attrs(
+                param,
+                {"weight_loader": _checked_loader(self.checkpoint_name(ckpt_name), shape, dtype)},
+            )
+            owner.register_parameter(param_name, param)
+
+        self.ssm_params: Quamba2SSMParams | None = None
+
+    # ----- names ---------------------------------------------------------------------------
+    def checkpoint_name(self, relative: str) -> str:
+        """Full checkpoint tensor name of a mixer-relative format name."""
+        return f"{self.prefix}.{relative}"
+
+    def _owner_of(self, checkpoint_relative: str) -> tuple[nn.Module, str]:
+        parts = vllm_relative_name(checkpoint_relative).split(".")
+        owner: nn.Module = self
+        for part in parts[:-1]:
+            owner = getattr(owner, part)
+        return owner, parts[-1]
+
+    def ssm_tensor(self, checkpoint_relative: str) -> torch.Tensor:
+        owner, name = self._owner_of(checkpoint_relative)
+        return getattr(owner, name)
+
+    def expected_vllm_names(self) -> dict[str, str]:
+        """vLLM parameter name -> checkpoint name, for every SSM tensor this mixer loads."""
+        return {
+            f"{self.prefix}.{vllm_relative_name(rel)}": self.checkpoint_name(rel)
+            for rel in self._ssm_tensor_specs
+        }
+
+    # ----- loading ---------------------------------------------------------------------------
+    def process_weights_after_loading(self, act_dtype: torch.dtype | None = None) -> None:
+        """Validate the loaded SSM tensors and build ``self.ssm_params``.
+
+        vLLM's loader calls this on every attention-like layer after the linears' own
+        ``process_weights_after_loading`` (model_loader/utils.py).
+        """
+        tensors: dict[str, torch.Tensor] = {}
+        for rel, (shape, dtype) in self._ssm_tensor_specs.items():
+            tensor = self.ssm_tensor(rel).data
+            check_tensor(self.checkpoint_name(rel), tensor, shape, dtype)
+            tensors[rel] = tensor
+        self._check_group_ranges(tensors)
+        self.ssm_params = mamba2_ssm_params(
+            tensors, self.shapes, norm_eps=self.rms_norm_eps, chunk_size=self.chunk_size
+        )
+
+    def _check_group_ranges(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Sort-and-cluster group ranges must be non-decreasing cumsums ending at the sizes."""
+        s = self.shapes
+        checks = (
+            ("x_head_group_range", s.num_heads // s.n_groups),
+            ("x_dim_group_range", s.head_dim),
+        )
+        for name, total in checks:
+            ranges = tensors[name]
+            ok = bool((ranges[..., -1] == total).all()) and bool(
+                (ranges[..., 1:] >= ranges[..., :-1]).all() and (ranges >= 0).all()
+            )
+            if not ok:
+                raise QuambaFormatError(
+                    f"quamba checkpoint tensor {self.checkpoint_name(name)!r} is not a "
+                    f"non-decreasing cumulative size ending at {total}"
+                )
+
+    # ----- state cache -------------------------------------------------------------------------
+    def get_state_dtype(self) -> tuple[torch.dtype, ...]:
+        # Shapes stay the stock Mamba2 ones (get_state_shape is inherited).
+        return QUAMBA_STATE_DTYPES
+
+    # ----- forward ---------------------------------------------------------------------------
+    def forward(self, hidden_states: torch.Tensor, mup_vector: torch.Tensor | None = None):
+        projected_states, _ = self.in_proj(hidden_states)
+        if mup_vector is not None:
+            projected_states = projected_states * mup_vector
+
+        ssm_output = torch.empty(
+            (hidden_states.shape[0], self.intermediate_size),
+            dtype=hidden_states.dtype,
+            device=hidden_states.device,
+        )
+        # vLLM's splitting custom op: it finds this layer by name in the forward context and
+        # calls self.conv_ssm_forward(projected_states, ssm_output).
+        torch.ops.vllm.mamba_mixer2(
+            projected_states, ssm_output, _encode_layer_name(self.prefix)
+        )
+        rotated = hadamard_transform_ref(ssm_output)
+        output, _ = self.out_proj(rotated)
+        return output
+
+    def conv_ssm_forward(self, projected_states: torch.Tensor, output: torch.Tensor) -> None:
+        """in_proj output -> gated-norm output, written into ``output`` (int8 states updated)."""
+        attn_metadata = get_forward_context().attn_metadata
+        if isinstance(attn_metadata, dict):
+            attn_metadata = attn_metadata.get(self.prefix)
+        if attn_metadata is None:
+            # Profile/warm-up run: there is no state cache yet.
+            output.zero_()
+            return
+        params = self.ssm_params
+        if params is None:
+            raise RuntimeError(f"{self.prefix}: quamba SSM parameters were never loaded")
+
+        conv_cache = self.kv_cache[0]
+        if is_conv_state_dim_first():
+            # DS layout stores (conv_dim, K-1) per slot; the references use (K-1, conv_dim).
+            conv_cache = conv_cache.transpose(-1, -2)
+        ssm_cache = self.kv_cache[1]
+
+        num_decodes = attn_metadata.num_decodes
+        num_decode_tokens = attn_metadata.num_decode_tokens
+        num_prefills = attn_metadata.num_prefills
+        num_tokens = num_decode_tokens + attn_metadata.num_prefill_tokens
+        if num_tokens < output.shape[0]:
+            output[num_tokens:].zero_()  # padding rows
+
+        if num_decodes > 0:
+            if num_decode_tokens != num_decodes:
+                raise NotImplementedError("quamba decode handles one token per sequence")
+            slots = attn_metadata.state_indices_tensor_d[:, 0].long()
+            y, conv_new, ssm_new = quamba2_ssm_decode_ref(
+                projected_states[:num_decode_tokens], params, conv_cache[slots], ssm_cache[slots]
+            )
+            output[:num_decode_tokens] = y.to(output.dtype)
+            conv_cache[slots] = conv_new
+            ssm_cache[slots] = ssm_new
+
+        if num_prefills > 0:
+            starts = attn_metadata.query_start_loc_p.tolist()
+            slots_p = attn_metadata.state_indices_tensor_p.tolist()
+            has_initial = attn_metadata.has_initial_states_p.tolist()
+            for i in range(num_prefills):
+                start = num_decode_tokens + starts[i]
+                end = num_decode_tokens + starts[i + 1]
+                slot = slots_p[i]
+                # A continued (chunked) prefill starts from the sequence's cached states.
+                conv_in = conv_cache[slot] if has_initial[i] else None
+                ssm_in = ssm_cache[slot] if has_initial[i] else None
+                y, conv_new, ssm_new = quamba2_ssm_prefill_ref(
+                    projected_states[start:end], params, conv_in, ssm_in
+                )
+                output[start:end] = y.to(output.dtype)
+                conv_cache[slot] = conv_new
+                ssm_cache[slot] = ssm_new

@@ -1,0 +1,129 @@
+"""Model classes registered by the plugin under vLLM's own architecture names.
+
+``QuambaMamba2ForCausalLM`` replaces vLLM's ``Mamba2ForCausalLM`` in the model registry. With a
+quamba checkpoint (``vllm_config.quant_config`` is a ``QuambaConfig``) every decoder layer gets a
+``QuambaMixer2``; for any other checkpoint the class does nothing but call the stock
+constructor, so an unquantized model runs exactly the stock code.
+
+How the quamba mixer gets into the stock decoder layers without copying them:
+``Mamba2DecoderLayer.__init__`` instantiates ``MambaMixer2`` by name, and ``MambaMixer2`` is a
+vLLM ``PluggableLayer``, whose ``__new__`` consults ``op_registry_oot`` (the out-of-tree
+replacement table, keyed by class name). We put ``QuambaMixer2`` there only while this model's
+stock constructor runs, and restore the table afterwards. A process-wide
+``PluggableLayer.register_oot`` would also swap the mixers of unquantized Mamba2 models and of
+every other model built on ``MambaMixer2`` (NemotronH, Zamba2, FalconH1, ...), which the plugin
+must not change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import torch
+from vllm.config import VllmConfig
+from vllm.model_executor.custom_op import op_registry_oot
+from vllm.model_executor.layers.mamba.mamba_mixer2 import MambaMixer2
+from vllm.model_executor.models.mamba2 import Mamba2ForCausalLM
+
+from ..config import QuambaConfig
+from ..format import QUANT_METHOD, QuambaFormatError, check_tensor, mamba2_w8a8_mixer_tensors
+from .mamba2_mixer import QUAMBA_STATE_DTYPES, QuambaMixer2
+
+
+def is_quamba(vllm_config: VllmConfig) -> bool:
+    """Whether vLLM serves this model with the ``quamba`` quantization method."""
+    if isinstance(getattr(vllm_config, "quant_config", None), QuambaConfig):
+        return True
+    model_config = getattr(vllm_config, "model_config", None)
+    return getattr(model_config, "quantization", None) == QUANT_METHOD
+
+
+@contextlib.contextmanager
+def _pluggable_layer_replaced(stock: type, replacement: type) -> Iterator[None]:
+    key = stock.__name__
+    missing = object()
+    previous = op_registry_oot.get(key, missing)
+    op_registry_oot[key] = replacement
+    try:
+        yield
+    finally:
+        if previous is missing:
+            op_registry_oot.pop(key, None)
+        else:
+            op_registry_oot[key] = previous
+
+
+class QuambaMamba2ForCausalLM(Mamba2ForCausalLM):
+    """Mamba2ForCausalLM that serves quamba W8A8 checkpoints too."""
+
+    @classmethod
+    def get_mamba_state_dtype_from_config(
+        cls, vllm_config: VllmConfig
+    ) -> tuple[torch.dtype, torch.dtype]:
+        if is_quamba(vllm_config):
+            return QUAMBA_STATE_DTYPES
+        return super().get_mamba_state_dtype_from_config(vllm_config)
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        quamba = isinstance(vllm_config.quant_config, QuambaConfig)
+        if not quamba:
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+            self.quamba_mixers: list[QuambaMixer2] = []
+            return
+        with _pluggable_layer_replaced(MambaMixer2, QuambaMixer2):
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.quamba_mixers = [m for m in self.modules() if isinstance(m, QuambaMixer2)]
+        num_layers = len(self.backbone.layers)
+        if len(self.quamba_mixers) != num_layers:
+            raise RuntimeError(
+                f"built {len(self.quamba_mixers)} quamba mixers for {num_layers} layers: another "
+                "plugin replaces MambaMixer2"
+            )
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        if not self.quamba_mixers:
+            return super().load_weights(weights)
+        loaded = super().load_weights(self._validated(weights))
+        self._check_complete(loaded)
+        return loaded
+
+    # ----- quamba checks -------------------------------------------------------------------
+    def _validated(
+        self, weights: Iterable[tuple[str, torch.Tensor]]
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Check every known mixer tensor's shape/dtype under its checkpoint name, as it streams.
+
+        vLLM's linear loaders would fail on a wrong in_proj/out_proj shape with an assertion
+        that names no tensor; unknown names are left to vLLM's loader, which rejects them.
+        """
+        specs = {}
+        for mixer in self.quamba_mixers:
+            for rel, spec in mamba2_w8a8_mixer_tensors(mixer.shapes).items():
+                specs[mixer.checkpoint_name(rel)] = spec
+        for name, tensor in weights:
+            spec = specs.get(name)
+            if spec is not None:
+                check_tensor(name, tensor, *spec)
+            yield name, tensor
+
+    def _check_complete(self, loaded: set[str]) -> None:
+        """Every parameter must come from the checkpoint.
+
+        vLLM checks this only for unquantized models (DefaultModelLoader.load_weights), and a
+        quamba tensor left at its initial value would give silently wrong outputs.
+        """
+        to_checkpoint_name = {}
+        for mixer in self.quamba_mixers:
+            to_checkpoint_name.update(mixer.expected_vllm_names())
+        missing = sorted(
+            to_checkpoint_name.get(name, name)
+            for name, _ in self.named_parameters()
+            if name not in loaded
+        )
+        if missing:
+            shown = ", ".join(repr(n) for n in missing[:8])
+            more = f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""
+            raise QuambaFormatError(
+                f"quamba checkpoint is missing tensor(s) {shown}{more}"
+            )
