@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+RESULT_MARKER = "@@vllm-runner-result@@"
 ENGINE_ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -24,7 +25,8 @@ def greedy_in_subprocess(model: Path, prompts: list[list[int]], max_tokens: int,
     )
     if done.returncode != 0:
         raise RuntimeError(f"vLLM run failed (exit {done.returncode}):\n{done.stderr[-6000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    # vLLM logs to stdout too: the result is the line behind the marker.
+    return json.loads(done.stdout.split(RESULT_MARKER, 1)[1].splitlines()[0])
 
 
 def _serve_request() -> None:
@@ -41,7 +43,7 @@ def _serve_request() -> None:
         completion = out.outputs[0]
         steps = [{str(k): v.logprob for k, v in step.items()} for step in (completion.logprobs or [])]
         result.append({"token_ids": list(completion.token_ids), "logprobs": steps})
-    print(json.dumps(result))
+    print(RESULT_MARKER + json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
