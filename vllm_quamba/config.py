@@ -37,6 +37,7 @@ from .format import (
     QUANT_METHOD,
     Mamba2Shapes,
     QuambaFormatError,
+    check_spec,
     mamba2_w8a8_mixer_tensors,
     mixer_prefix,
     quamba_section,
@@ -192,7 +193,11 @@ def _is_mixer_linear(prefix: str) -> bool:
     return len(parts) >= 2 and parts[-2] == "mixer" and parts[-1] in MAMBA2_QUANTIZED_LINEARS
 
 
-_SAFETENSORS_DTYPES = {torch.int8: "I8", torch.int32: "I32", torch.float32: "F32"}
+# safetensors header dtype names of the torch dtypes a checkpoint may hold.
+_SAFETENSORS_DTYPES = {
+    "I8": torch.int8, "I32": torch.int32, "I64": torch.int64, "F32": torch.float32,
+    "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+}
 
 
 def check_checkpoint_headers(model_dir: str, hf_config: dict[str, Any]) -> None:
@@ -200,12 +205,12 @@ def check_checkpoint_headers(model_dir: str, hf_config: dict[str, Any]) -> None:
     and no unknown tensor sits under a mixer. Raises QuambaFormatError naming the tensor."""
     from safetensors import safe_open
 
-    headers: dict[str, tuple[tuple[int, ...], str]] = {}
+    headers: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     for path in sorted(glob.glob(os.path.join(model_dir, "*.safetensors"))):
         with safe_open(path, framework="pt") as f:
             for name in f.keys():
                 piece = f.get_slice(name)
-                headers[name] = (tuple(piece.get_shape()), piece.get_dtype())
+                headers[name] = (tuple(piece.get_shape()), _SAFETENSORS_DTYPES.get(piece.get_dtype(), piece.get_dtype()))
     if not headers:
         return  # not a local safetensors checkpoint: the worker's checks still apply
     shapes = Mamba2Shapes.from_config(hf_config)
@@ -216,17 +221,7 @@ def check_checkpoint_headers(model_dir: str, hf_config: dict[str, Any]) -> None:
             name = prefix + rel
             if name not in headers:
                 raise QuambaFormatError(f"quamba checkpoint is missing tensor(s) {name!r}")
-            found_shape, found_dtype = headers[name]
-            if found_shape != tuple(shape):
-                raise QuambaFormatError(
-                    f"quamba checkpoint tensor {name!r} has shape {found_shape}, "
-                    f"expected {tuple(shape)}"
-                )
-            if found_dtype != _SAFETENSORS_DTYPES[dtype]:
-                raise QuambaFormatError(
-                    f"quamba checkpoint tensor {name!r} has dtype {found_dtype}, "
-                    f"expected {_SAFETENSORS_DTYPES[dtype]} ({dtype})"
-                )
+            check_spec(name, *headers[name], shape, dtype)
         unknown = sorted(
             n for n in headers if n.startswith(prefix) and n[len(prefix):] not in table
         )

@@ -153,16 +153,23 @@ class QuambaFormatError(ValueError):
     """A checkpoint that does not follow this format; the message names the tensor or field."""
 
 
+def check_spec(
+    name: str, shape: tuple[int, ...], dtype: torch.dtype, expected_shape: tuple[int, ...], expected_dtype: torch.dtype
+) -> None:
+    """Raise QuambaFormatError naming ``name`` unless its shape and dtype are the expected ones."""
+    if tuple(shape) != tuple(expected_shape):
+        raise QuambaFormatError(
+            f"quamba checkpoint tensor {name!r} has shape {tuple(shape)}, expected {tuple(expected_shape)}"
+        )
+    if dtype != expected_dtype:
+        raise QuambaFormatError(
+            f"quamba checkpoint tensor {name!r} has dtype {dtype}, expected {expected_dtype}"
+        )
+
+
 def check_tensor(name: str, tensor: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> None:
     """Raise QuambaFormatError naming ``name`` unless the tensor has this shape, dtype, finite values."""
-    if tuple(tensor.shape) != tuple(shape):
-        raise QuambaFormatError(
-            f"quamba checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(shape)}"
-        )
-    if tensor.dtype != dtype:
-        raise QuambaFormatError(
-            f"quamba checkpoint tensor {name!r} has dtype {tensor.dtype}, expected {dtype}"
-        )
+    check_spec(name, tensor.shape, tensor.dtype, shape, dtype)
     if tensor.is_floating_point() and not torch.isfinite(tensor).all():
         raise QuambaFormatError(f"quamba checkpoint tensor {name!r} contains NaN or Inf")
 

@@ -103,7 +103,7 @@ def _add(name):
          "'backbone.layers.0.mixer.in_proj.weight_scale' has shape"),
         (_truncate("backbone.layers.1.mixer.ssm_state_scale"), "'backbone.layers.1.mixer.ssm_state_scale' has shape"),
         (_retype("backbone.layers.0.mixer.conv1d.weight", torch.float32),
-         "'backbone.layers.0.mixer.conv1d.weight' has dtype F32"),
+         "'backbone.layers.0.mixer.conv1d.weight' has dtype torch.float32"),
         (_add("backbone.layers.0.mixer.mystery_scale"), "unknown mixer tensor.*mystery_scale"),
     ],
 )
