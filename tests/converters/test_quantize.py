@@ -102,3 +102,11 @@ def test_cli_help_and_error_exit(tmp_path):
         capture_output=True, text=True,
     )
     assert bad.returncode == 2 and "vllm-quamba: error:" in bad.stderr
+
+
+def test_recipe_not_yet_implemented_for_an_architecture_fails_before_work(tmp_path):
+    from tests.conftest import ASSETS
+
+    with pytest.raises(QuantizeError, match="'w8a8' for MambaForCausalLM is not implemented"):
+        quantize(ASSETS / "tiny-mamba1", tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
