@@ -13,13 +13,15 @@ __all__ = ["register"]
 # processes (spawned on CPU) import them only when a model is built.
 _MODEL_CLASSES = {
     "Mamba2ForCausalLM": "vllm_quamba.layers.models:QuambaMamba2ForCausalLM",
+    "MambaForCausalLM": "vllm_quamba.layers.models:QuambaMambaForCausalLM",
 }
 
 _registered = False
 
 
 def register() -> None:
-    """Register the ``quamba`` quantization method and the quamba-aware model classes.
+    """Register the ``quamba`` quantization method, the quamba-aware model classes and, on the
+    CPU platform, the Mamba1 scan ops vLLM-CPU lacks.
 
     Idempotent: vLLM may call it several times in one process (and once in each process).
     """
@@ -38,5 +40,11 @@ def register() -> None:
 
     for arch, target in _MODEL_CLASSES.items():
         ModelRegistry.register_model(arch, target)
+
+    # Unquantized Mamba1 on vLLM-CPU: supply the selective-scan op the CPU build lacks and a
+    # decode step for Mamba1's 3D states (no-ops off the CPU platform; see layers/mamba1_ops).
+    from .layers.mamba1_ops import register_mamba1_cpu_ops
+
+    register_mamba1_cpu_ops()
 
     _registered = True

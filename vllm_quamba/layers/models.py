@@ -23,8 +23,11 @@ from collections.abc import Iterable, Iterator
 import torch
 from vllm.config import VllmConfig
 from vllm.model_executor.custom_op import op_registry_oot
+from vllm.model_executor.layers.mamba.mamba_mixer import MambaMixer
 from vllm.model_executor.layers.mamba.mamba_mixer2 import MambaMixer2
+from vllm.model_executor.models.mamba import MambaForCausalLM
 from vllm.model_executor.models.mamba2 import Mamba2ForCausalLM
+from vllm.platforms import current_platform
 
 from ..config import QuambaConfig
 from ..format import QUANT_METHOD, QuambaFormatError, check_tensor, mamba2_w8a8_mixer_tensors
@@ -127,3 +130,28 @@ class QuambaMamba2ForCausalLM(Mamba2ForCausalLM):
             raise QuambaFormatError(
                 f"quamba checkpoint is missing tensor(s) {shown}{more}"
             )
+
+
+# ----- Mamba1 ---------------------------------------------------------------------------------------
+def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:
+    return (args[0].contiguous(), *args[1:])
+
+
+class QuambaMambaForCausalLM(MambaForCausalLM):
+    """vLLM's ``MambaForCausalLM``, made to run on the CPU platform (unquantized).
+
+    The scan kernels vLLM-CPU lacks are supplied as ops by ``vllm_quamba.layers.mamba1_ops``
+    (registered in :func:`vllm_quamba.register`). One more thing breaks in the stock mixer on
+    the CPU: ``MambaMixer.forward_impl`` feeds ``out_proj`` a transposed ``(tokens, dim)`` view
+    of the channel-first scan output (unit stride over tokens) whenever the batch holds a
+    prefill, and the CPU linear (oneDNN ``onednn_mm``) requires ``stride(-1) == 1``. A forward
+    pre-hook on each mixer's ``out_proj`` makes that input contiguous; nothing else changes
+    (off the CPU platform the class is the stock one).
+    """
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        if current_platform.is_cpu():
+            for module in self.modules():
+                if isinstance(module, MambaMixer):
+                    module.out_proj.register_forward_pre_hook(_contiguous_input)
