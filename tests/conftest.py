@@ -6,16 +6,23 @@ from pathlib import Path
 
 import pytest
 
-from tests.tiny_models import make_tiny_mamba2
+from tests.tiny_models import make_tiny_mamba1, make_tiny_mamba2
 
 ASSETS = Path(__file__).parent / "assets"
 TINY_MAMBA2 = ASSETS / "tiny-mamba2"
+TINY_MAMBA1 = ASSETS / "tiny-mamba1"
 
 
 @pytest.fixture(scope="session")
 def random_tiny_mamba2(tmp_path_factory) -> Path:
     """A random-weight tiny Mamba2 (hidden 64, 2 layers, 8 heads of 16, state 16) + byte tokenizer."""
     return make_tiny_mamba2(tmp_path_factory.mktemp("tiny-mamba2-random") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def random_tiny_mamba1(tmp_path_factory) -> Path:
+    """A random-weight tiny Mamba1 (hidden 64, 2 layers, state 16, dt_rank 4) + byte tokenizer."""
+    return make_tiny_mamba1(tmp_path_factory.mktemp("tiny-mamba1-random") / "model", seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +57,12 @@ def quantized_tiny(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("q") / "tiny-w8a8"
     return quantize(TINY_MAMBA2, out, calib_samples=32, calib_seqlen=256)
+
+
+@pytest.fixture(scope="session")
+def quantized_tiny_mamba1(tmp_path_factory) -> Path:
+    """The bundled trained tiny Mamba1, quantized W8A8 (Quamba) on the embedded calibration set."""
+    from vllm_quamba.converters.quantize import quantize
+
+    out = tmp_path_factory.mktemp("q1") / "tiny-mamba1-w8a8"
+    return quantize(TINY_MAMBA1, out, calib_samples=32, calib_seqlen=256)

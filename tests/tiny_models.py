@@ -1,4 +1,4 @@
-"""Random-weight tiny Mamba2 checkpoints built on the fly, and checkpoint editing for bad-input tests."""
+"""Random-weight tiny Mamba1/Mamba2 checkpoints built on the fly, and checkpoint editing for bad-input tests."""
 
 from __future__ import annotations
 
@@ -49,6 +49,34 @@ def make_tiny_mamba2(out_dir: Path, seed: int = 0, n_groups: int = 1, chunk_size
         eos_token_id=tok.eos_token_id, tie_word_embeddings=False, **shape,
     )
     model = Mamba2ForCausalLM(cfg).float().eval()
+    return _save_with_spread_weights(model, out_dir)
+
+
+TINY_MAMBA1 = dict(hidden_size=64, num_hidden_layers=2, state_size=16, expand=2, conv_kernel=4, time_step_rank="auto")
+
+
+def make_tiny_mamba1(out_dir: Path, seed: int = 0) -> Path:
+    """A random-weight tiny MambaForCausalLM (fp32, byte tokenizer, untied lm_head, dt_rank 4).
+
+    Embeddings are N(0, 1) and the RMSNorm weights 1 + 0.1·N(0, 1), so that logits are not flat
+    and folding the norms is not a no-op.
+    """
+    from transformers import MambaConfig, MambaForCausalLM
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = make_byte_tokenizer(out_dir)
+    torch.manual_seed(seed)
+    cfg = MambaConfig(
+        vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.eos_token_id,
+        eos_token_id=tok.eos_token_id, tie_word_embeddings=False, **TINY_MAMBA1,
+    )
+    model = MambaForCausalLM(cfg).float().eval()
+    return _save_with_spread_weights(model, out_dir)
+
+
+def _save_with_spread_weights(model, out_dir: Path) -> Path:
+    """N(0, 1) embeddings and 1 + 0.1·N(0, 1) norm weights: logits are not flat, folding is not a no-op."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("embeddings.weight"):

@@ -43,17 +43,57 @@ ssm_state_scale                 float32     [G, HG, DG, N]               int8 de
 I = d_inner (intermediate_size), G = n_groups, N = d_state (state_size), H = num_heads,
 D = hidden_size, K = conv_kernel, HG/DG = head/dim groups of the sort-and-cluster step.
 Heads and channels are already permuted: the checkpoint is self-consistent.
+
+Per quantized Mamba1 mixer (Quamba W8A8, quamba.md sections 1 and 2.4; the numerics are
+``kernels.quamba_ssm``). The fp ``dt_proj.bias`` of the source becomes the int8 ``dt_bias``:
+
+==============================  ==========  ===========================  =========================
+name (under ``...mixer.``)      dtype       shape                        meaning
+==============================  ==========  ===========================  =========================
+in_proj.weight                  int8        [2I, D]                      rows x then z; Hadamard fused
+in_proj.weight_scale            float32     [2I, 1]                      per output channel
+in_proj.input_scale             float32     [1]                          static, block-norm output
+x_scale                         float32     [1]                          in_proj output x (conv input)
+z_scale                         float32     [1]                          in_proj output z (gate)
+conv1d.weight                   int8        [I, 1, K]                    depthwise
+conv1d.weight_scale             float32     [1]                          per tensor
+conv1d.bias                     int8        [I]
+conv1d.bias_scale               float32     [1]                          per tensor
+x_proj.weight                   int8        [R+2N, I]                    rows dt_low, B, C
+x_proj.weight_scale             float32     [R+2N, 1]                    per output channel
+x_proj.input_scale              float32     [1]                          SSM input u (percentile)
+x_proj.output_scale             float32     [1]                          shared by dt_low, B and C
+dt_proj.weight                  int8        [I, R]                       no bias (it is dt_bias)
+dt_proj.weight_scale            float32     [I, 1]                       per output channel
+dt_proj.input_scale             float32     [1]                          = x_proj.output_scale
+dt_scale                        float32     [1]                          dt_proj output (raw dt)
+A_log                           int8        [I, N]
+A_log_scale                     float32     [1]
+D                               int8        [I]
+D_scale                         float32     [1]
+dt_bias                         int8        [I]                          added before softplus
+dt_bias_scale                   float32     [1]
+ssm_state_scale                 float32     [1]                          int8 state (percentile)
+out_proj.weight                 int8        [D, I]                       Hadamards fused
+out_proj.weight_scale           float32     [D, 1]                       per output channel
+out_proj.input_scale            float32     [1]                          after the online Hadamard
+==============================  ==========  ===========================  =========================
+
+R = time_step_rank (dt_rank). Whether the residual stream is rotated and out_proj's input gets
+the online Hadamard is recorded in ``quamba.hadamard`` (null: neither, the naive baseline).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 if TYPE_CHECKING:
     from .kernels.quamba2_ssm import Quamba2SSMParams
+    from .kernels.quamba_ssm import QuambaSSMParams
 
 QUANT_METHOD = "quamba"
 METHOD_VERSION = 1
@@ -67,6 +107,8 @@ DIM_GROUPS = 4
 WEIGHTS_FILE = "model.safetensors"
 # The two linears of a Mamba2 mixer that the W8A8 recipe quantizes.
 MAMBA2_QUANTIZED_LINEARS = ("in_proj", "out_proj")
+# The four linears of a Mamba1 mixer that the W8A8 recipe quantizes.
+MAMBA1_QUANTIZED_LINEARS = ("in_proj", "x_proj", "dt_proj", "out_proj")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +185,67 @@ def mamba2_w8a8_mixer_tensors(s: Mamba2Shapes) -> dict[str, tuple[tuple[int, ...
         "norm.weight": ((s.intermediate_size,), f32),
         "ssm_state_scale": ((G, HEAD_GROUPS, DIM_GROUPS, N), f32),
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class MambaShapes:
+    """The sizes of one Mamba1 mixer, read from a transformers ``MambaConfig`` dict."""
+
+    hidden_size: int
+    intermediate_size: int
+    state_size: int
+    time_step_rank: int
+    conv_kernel: int
+    num_layers: int
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> "MambaShapes":
+        hidden = cfg["hidden_size"]
+        rank = cfg.get("time_step_rank", "auto")
+        return cls(
+            hidden_size=hidden,
+            intermediate_size=cfg.get("intermediate_size") or int(cfg.get("expand", 2) * hidden),
+            state_size=cfg.get("state_size", 16),
+            time_step_rank=math.ceil(hidden / 16) if rank == "auto" else int(rank),
+            conv_kernel=cfg.get("conv_kernel", 4),
+            num_layers=cfg["num_hidden_layers"],
+        )
+
+    @property
+    def x_proj_dim(self) -> int:
+        return self.time_step_rank + 2 * self.state_size
+
+
+def mamba1_w8a8_mixer_tensors(s: MambaShapes) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of every tensor a W8A8 Mamba1 mixer must have (see the table)."""
+    f32, i8 = torch.float32, torch.int8
+    I, D, N, R = s.intermediate_size, s.hidden_size, s.state_size, s.time_step_rank
+    one = ((1,), f32)
+    out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    for linear, (rows, cols) in (
+        ("in_proj", (2 * I, D)), ("x_proj", (R + 2 * N, I)), ("dt_proj", (I, R)), ("out_proj", (D, I))
+    ):
+        out[f"{linear}.weight"] = ((rows, cols), i8)
+        out[f"{linear}.weight_scale"] = ((rows, 1), f32)
+        out[f"{linear}.input_scale"] = one
+    out.update({
+        "x_scale": one,
+        "z_scale": one,
+        "x_proj.output_scale": one,
+        "dt_scale": one,
+        "conv1d.weight": ((I, 1, s.conv_kernel), i8),
+        "conv1d.weight_scale": one,
+        "conv1d.bias": ((I,), i8),
+        "conv1d.bias_scale": one,
+        "A_log": ((I, N), i8),
+        "A_log_scale": one,
+        "D": ((I,), i8),
+        "D_scale": one,
+        "dt_bias": ((I,), i8),
+        "dt_bias_scale": one,
+        "ssm_state_scale": one,
+    })
+    return out
 
 
 def mixer_prefix(layer: int) -> str:
@@ -243,4 +346,31 @@ def mamba2_ssm_params(
         state_scale=expand_group_scales(
             t["ssm_state_scale"], head_range, dim_range, s.num_heads, s.head_dim
         ),
+    )
+
+
+def mamba1_ssm_params(tensors: dict[str, torch.Tensor], s: MambaShapes) -> "QuambaSSMParams":
+    """Build the runtime/simulation parameters of one W8A8 Mamba1 mixer from its tensors.
+
+    ``tensors`` maps the mixer-relative names of the Mamba1 table above to tensors.
+    """
+    from .kernels.quamba_ssm import QuambaSSMParams
+    from .kernels.quant import dequantize_int8
+
+    t = tensors
+    return QuambaSSMParams(
+        intermediate_size=s.intermediate_size,
+        state_size=s.state_size,
+        time_step_rank=s.time_step_rank,
+        x_scale=t["x_scale"].float(),
+        z_scale=t["z_scale"].float(),
+        u_scale=t["x_proj.input_scale"].float(),
+        x_proj_out_scale=t["x_proj.output_scale"].float(),
+        dt_scale=t["dt_scale"].float(),
+        conv_weight=dequantize_int8(t["conv1d.weight"].reshape(s.intermediate_size, -1), t["conv1d.weight_scale"]),
+        conv_bias=dequantize_int8(t["conv1d.bias"], t["conv1d.bias_scale"]),
+        A=-torch.exp(dequantize_int8(t["A_log"], t["A_log_scale"])),
+        D=dequantize_int8(t["D"], t["D_scale"]),
+        dt_bias=dequantize_int8(t["dt_bias"], t["dt_bias_scale"]),
+        state_scale=t["ssm_state_scale"].float(),
     )

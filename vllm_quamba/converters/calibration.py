@@ -116,3 +116,47 @@ class ActivationStats:
 
     def scale(self, layer: int, point: str) -> torch.Tensor:
         return symmetric_scale(self.absmax[(layer, point)])
+
+
+# Quamba's percentile observer (quamba.md section 1, "at HEAD"): per calibration sample
+# q = quantile(|t|, alpha); the first sample sets m = q, later ones m <- m + MOMENTUM * (q - m).
+PERCENTILE_MOMENTUM = 0.01
+
+
+def abs_quantile(t: torch.Tensor, alpha: float) -> torch.Tensor:
+    """quantile(|t|, alpha) with linear interpolation (torch.quantile's), for any size."""
+    values = t.detach().float().abs().flatten().sort().values
+    position = alpha * (values.numel() - 1)
+    lo = int(position)
+    hi = min(lo + 1, values.numel() - 1)
+    frac = position - lo
+    return (values[lo] + frac * (values[hi] - values[lo])).reshape(1)
+
+
+class MambaActivationStats:
+    """Per (layer, point) per-tensor statistics for the Quamba W8A8 Mamba1 recipe.
+
+    ``percentile_points`` ("u", the SSM input, and "ssm_state", the final prefill state) use the
+    percentile observer when ``percentile_alpha`` is set; every other point, and these too when
+    it is None (the naive baseline), the absmax over all calibration samples. One call per
+    (layer, point) per calibration sample, as the forward of one sample makes.
+    """
+
+    percentile_points = ("u", "ssm_state")
+
+    def __init__(self, percentile_alpha: float | None):
+        self.percentile_alpha = percentile_alpha
+        self.values: dict[tuple[int, str], torch.Tensor] = {}
+
+    def __call__(self, layer: int, point: str, t: torch.Tensor) -> None:
+        key = (layer, point)
+        old = self.values.get(key)
+        if self.percentile_alpha is not None and point in self.percentile_points:
+            q = abs_quantile(t, self.percentile_alpha)
+            self.values[key] = q if old is None else old + PERCENTILE_MOMENTUM * (q - old)
+        else:
+            amax = t.detach().float().abs().amax().reshape(1)
+            self.values[key] = amax if old is None else torch.maximum(old, amax)
+
+    def scale(self, layer: int, point: str) -> torch.Tensor:
+        return symmetric_scale(self.values[(layer, point)])

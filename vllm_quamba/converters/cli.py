@@ -9,6 +9,9 @@ import sys
 from ..format import RECIPES
 from .calibration import DEFAULT_CALIBRATION
 
+# Kept equal to quantize.DEFAULT_PERCENTILE_ALPHA (not imported: --help must stay light).
+DEFAULT_PERCENTILE_ALPHA = 0.9995
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -22,12 +25,12 @@ def _parser() -> argparse.ArgumentParser:
         description=(
             "Calibrate MODEL on text, rotate, reorder and quantize it, and write a checkpoint "
             "that `vllm serve OUT` (with vllm-quamba installed) loads as quantization 'quamba'. "
-            "MODEL is a local directory or a hub id, in transformers format (Mamba2ForCausalLM) "
-            "or mamba_ssm format (config.json with d_model/n_layer/ssm_cfg + pytorch_model.bin)."
+            "MODEL is a local directory or a hub id, in transformers format (Mamba2ForCausalLM "
+            "or MambaForCausalLM) or mamba_ssm format (config.json with d_model/n_layer/ssm_cfg + pytorch_model.bin)."
         ),
     )
     q.add_argument("model", help="source checkpoint: local directory or hub id")
-    q.add_argument("--recipe", required=True, choices=RECIPES, help="quantization recipe (implemented: w8a8 for Mamba2)")
+    q.add_argument("--recipe", required=True, choices=RECIPES, help="quantization recipe (implemented: w8a8 for Mamba1 and Mamba2)")
     q.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     q.add_argument(
         "--calib",
@@ -40,11 +43,35 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--tokenizer", help="tokenizer directory or hub id, when MODEL ships none")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     q.add_argument("--seed", type=int, default=0, help="random seed (the output is deterministic per seed)")
+    naive = q.add_argument_group(
+        "naive baselines (Mamba1 only)",
+        "Switch off parts of the Quamba recipe to get the naive baselines of the Quamba papers "
+        "(per-tensor absmax W8A8 without Hadamard rotations or percentile clipping).",
+    )
+    naive.add_argument(
+        "--no-hadamard", action="store_true",
+        help="naive baseline: no residual-stream Hadamard rotation and no online Hadamard before out_proj",
+    )
+    naive.add_argument(
+        "--no-percentile", action="store_true",
+        help="naive baseline: absmax scales for the SSM input (x_proj input) and SSM state instead of percentile clipping",
+    )
+    naive.add_argument(
+        "--percentile-alpha", type=float, default=None, metavar="A",
+        help=f"percentile of |activation| that sets the SSM input and state scales, 0.5 < A <= 1 "
+        f"(default {DEFAULT_PERCENTILE_ALPHA}; 1 = absmax per sample)",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.no_percentile and args.percentile_alpha is not None:
+        parser.error("--no-percentile and --percentile-alpha exclude each other")
+    if args.percentile_alpha is not None and not 0.5 < args.percentile_alpha <= 1:
+        parser.error(f"--percentile-alpha must be in (0.5, 1], got {args.percentile_alpha}")
+    alpha = None if args.no_percentile else (args.percentile_alpha or DEFAULT_PERCENTILE_ALPHA)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from .quantize import quantize
 
@@ -53,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             args.model, args.out, recipe=args.recipe, calib=args.calib,
             calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
             tokenizer=args.tokenizer, overwrite=args.overwrite, seed=args.seed,
+            hadamard=not args.no_hadamard, percentile_alpha=alpha,
         )
     except ValueError as exc:  # every input error of the converter is a ValueError subclass
         print(f"vllm-quamba: error: {exc}", file=sys.stderr)

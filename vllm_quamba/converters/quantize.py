@@ -1,10 +1,11 @@
-"""The Quamba2 W8A8 recipe for Mamba2, from a source checkpoint to a quamba checkpoint.
+"""``quantize()``: a source checkpoint -> a quamba checkpoint, for every implemented recipe.
 
-Order (quamba.md sections 0, 2 and 9): fold the RMSNorm weights, rotate the residual stream,
-gather the sort statistic, sort-and-cluster and permute, fuse the out_proj Hadamard,
-calibrate every activation scale on the permuted fp model, quantize the weights, write.
-Everything is checked before any work starts, and the output directory appears only when
-complete (written beside it under a temporary name, then renamed).
+Mamba1 (Quamba W8A8, with its naive-baseline switches) lives in ``recipe_mamba1``; the
+Quamba2 W8A8 recipe for Mamba2 is here. Mamba2 order (quamba.md sections 0, 2 and 9): fold the
+RMSNorm weights, rotate the residual stream, gather the sort statistic, sort-and-cluster and
+permute, fuse the out_proj Hadamard, calibrate every activation scale on the permuted fp model,
+quantize the weights, write. Everything is checked before any work starts, and the output
+directory appears only when complete (written beside it under a temporary name, then renamed).
 """
 
 from __future__ import annotations
@@ -33,22 +34,33 @@ from ..format import (
     mixer_prefix,
 )
 from ..kernels.hadamard import is_supported_hadamard_size
-from ..kernels.quant import quantize_int8, symmetric_scale
+from ..kernels.quant import quantize_int8, quantize_per_channel_int8, quantize_per_tensor_int8, symmetric_scale
 from . import transforms
 from .calibration import DEFAULT_CALIBRATION, ActivationStats, calibration_samples
 from .reorder import Reordering, group_absmax, sort_and_cluster
 from .simulate import Mamba2Reference
 from .source import TOKENIZER_FILES, SourceModel, check_source, load_source
 
-IMPLEMENTED = {("mamba2", "w8a8")}
+IMPLEMENTED = {("mamba2", "w8a8"), ("mamba", "w8a8")}
+# Quamba's percentile for the SSM input and state (quamba.md section 1, "at HEAD").
+DEFAULT_PERCENTILE_ALPHA = 0.9995
 
 
 class QuantizeError(ValueError):
     """Bad converter input, reported before any work is done."""
 
 
-def check_request(model: str | Path, recipe: str, out_dir: Path, overwrite: bool) -> None:
-    """Everything that can be checked without reading weights or calibrating."""
+def check_request(
+    model: str | Path,
+    recipe: str,
+    out_dir: Path,
+    overwrite: bool,
+    hadamard: bool = True,
+    percentile_alpha: float | None = DEFAULT_PERCENTILE_ALPHA,
+) -> str:
+    """Everything that can be checked without reading weights or calibrating; returns the kind."""
+    if percentile_alpha is not None and not (0.5 < percentile_alpha <= 1):
+        raise QuantizeError(f"percentile alpha must be in (0.5, 1], got {percentile_alpha}")
     if recipe not in RECIPES:
         raise QuantizeError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
     if out_dir.exists() and not overwrite:
@@ -60,6 +72,17 @@ def check_request(model: str | Path, recipe: str, out_dir: Path, overwrite: bool
             f"recipe {recipe!r} for {arch} is not implemented in this version of vllm-quamba "
             f"(implemented: {sorted(IMPLEMENTED)})"
         )
+    if kind == "mamba2" and not hadamard:
+        raise QuantizeError(
+            "--no-hadamard is implemented for Mamba1 only: Quamba2 checkpoints (Mamba2) always "
+            "use the Hadamard rotations, and the Mamba2 runtime applies them unconditionally"
+        )
+    if kind == "mamba2" and percentile_alpha != DEFAULT_PERCENTILE_ALPHA:
+        raise QuantizeError(
+            "--no-percentile/--percentile-alpha apply to Mamba1 only: the Quamba2 recipe (Mamba2) "
+            "uses no percentile clipping"
+        )
+    return kind
 
 
 def _check_shapes(source: SourceModel) -> Mamba2Shapes:
@@ -101,16 +124,6 @@ def _reorder_all(tensors, shapes, config, samples) -> tuple[dict, list[Reorderin
     return tensors, reorderings
 
 
-def _per_channel_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = symmetric_scale(weight.abs().amax(dim=1, keepdim=True))
-    return quantize_int8(weight, scale), scale
-
-
-def _per_tensor_int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = symmetric_scale(t.abs().amax()).reshape(1)
-    return quantize_int8(t, scale), scale
-
-
 def _per_segment_int8(t: torch.Tensor, shapes: Mamba2Shapes) -> tuple[torch.Tensor, torch.Tensor]:
     gs = shapes.n_groups * shapes.state_size
     parts = torch.split(t, [shapes.intermediate_size, gs, gs])
@@ -126,7 +139,7 @@ def _quantize_mixer(tensors, layer, shapes, stats: ActivationStats, reordering: 
     scale = lambda point: stats.scale(layer, point)  # noqa: E731
     out: dict[str, torch.Tensor] = {}
     for linear, point in (("in_proj", "in_proj_input"), ("out_proj", "out_proj_input")):
-        out[f"{linear}.weight"], out[f"{linear}.weight_scale"] = _per_channel_int8(t(f"{linear}.weight"))
+        out[f"{linear}.weight"], out[f"{linear}.weight_scale"] = quantize_per_channel_int8(t(f"{linear}.weight"))
         out[f"{linear}.input_scale"] = scale(point)
     out["z_scale"], out["dt_scale"] = scale("z"), scale("dt")
     out["conv1d.input_scale"] = torch.cat([scale("x_in"), scale("B_in"), scale("C_in")])
@@ -137,19 +150,19 @@ def _quantize_mixer(tensors, layer, shapes, stats: ActivationStats, reordering: 
     out["x_head_group_range"] = reordering.head_group_range
     out["x_dim_group_range"] = reordering.dim_group_range
     out["B_scale"], out["C_scale"] = scale("B"), scale("C")
-    out["A_log"], out["A_log_scale"] = _per_tensor_int8(t("A_log"))
-    out["D"], out["D_scale"] = _per_tensor_int8(t("D"))
+    out["A_log"], out["A_log_scale"] = quantize_per_tensor_int8(t("A_log"))
+    out["D"], out["D_scale"] = quantize_per_tensor_int8(t("D"))
     out["dt_bias"] = t("dt_bias")
     out["norm.weight"] = t("norm.weight")
     out["ssm_state_scale"] = symmetric_scale(group_absmax(stats.absmax[(layer, "ssm_state")], reordering, shapes))
     return {prefix + name: value.contiguous() for name, value in out.items()}
 
 
-def quantization_config(recipe: str, shapes: Mamba2Shapes, calib: dict[str, Any]) -> dict[str, Any]:
-    """compressed-tensors' own models for the linears, plus the ``quamba`` section."""
+def _int8_linears_config(targets: str) -> dict[str, Any]:
+    """compressed-tensors' own models for W8A8 linears (static per-tensor inputs), quamba method."""
     int8 = dict(num_bits=8, type="int", symmetric=True, dynamic=False)
     scheme = QuantizationScheme(
-        targets=[r"re:.*mixer\.(in|out)_proj$"],
+        targets=[targets],
         weights=QuantizationArgs(strategy="channel", **int8),
         input_activations=QuantizationArgs(strategy="tensor", **int8),
     )
@@ -158,6 +171,12 @@ def quantization_config(recipe: str, shapes: Mamba2Shapes, calib: dict[str, Any]
     ).model_dump(mode="json", exclude_none=True)
     config.pop("quantization_status", None)
     config["quant_method"] = QUANT_METHOD
+    return config
+
+
+def quantization_config(recipe: str, shapes: Mamba2Shapes, calib: dict[str, Any]) -> dict[str, Any]:
+    """compressed-tensors' own models for the linears, plus the ``quamba`` section."""
+    config = _int8_linears_config(r"re:.*mixer\.(in|out)_proj$")
     config["quamba"] = {
         "recipe": recipe,
         "method_version": METHOD_VERSION,
@@ -201,16 +220,25 @@ def quantize(
     tokenizer: str | Path | None = None,
     overwrite: bool = False,
     seed: int = 0,
+    hadamard: bool = True,
+    percentile_alpha: float | None = DEFAULT_PERCENTILE_ALPHA,
 ) -> Path:
-    """Quantize ``model`` (local dir or hub id) with ``recipe``; returns the output directory."""
+    """Quantize ``model`` (local dir or hub id) with ``recipe``; returns the output directory.
+
+    ``hadamard=False`` (no residual rotation, no online out_proj Hadamard) and
+    ``percentile_alpha=None`` (absmax instead of percentile clipping of the SSM input and state)
+    are the naive baselines of the Quamba papers; Mamba1 only.
+    """
     out_dir = Path(out_dir)
-    check_request(model, recipe, out_dir, overwrite)
+    kind = check_request(model, recipe, out_dir, overwrite, hadamard, percentile_alpha)
     torch.manual_seed(seed)
     source = load_source(model, tokenizer)
+    if kind == "mamba":
+        return _quantize_mamba1(
+            source, out_dir, recipe, calib, calib_samples, calib_seqlen, overwrite, seed, hadamard, percentile_alpha
+        )
     shapes = _check_shapes(source)
-    from transformers import AutoTokenizer
-
-    samples = calibration_samples(calib, AutoTokenizer.from_pretrained(source.tokenizer_dir), calib_samples, calib_seqlen)
+    samples = _samples(source, calib, calib_samples, calib_seqlen)
     tensors = transforms.rotate_residual(transforms.fold_norms(source.tensors))
     tensors, reorderings = _reorder_all(tensors, shapes, source.config, samples)
     tensors = transforms.fuse_out_proj_hadamard(tensors)
@@ -226,6 +254,39 @@ def quantize(
         "tie_word_embeddings": False,
         "dtype": "float32",
         "quantization_config": quantization_config(recipe, shapes, calib_info),
+    }
+    _write_checkpoint(out_dir, config, quantized, source.tokenizer_dir, overwrite)
+    return out_dir
+
+
+def _samples(source: SourceModel, calib: str, calib_samples: int, calib_seqlen: int) -> list[torch.Tensor]:
+    from transformers import AutoTokenizer
+
+    return calibration_samples(calib, AutoTokenizer.from_pretrained(source.tokenizer_dir), calib_samples, calib_seqlen)
+
+
+def _quantize_mamba1(
+    source, out_dir, recipe, calib, calib_samples, calib_seqlen, overwrite, seed, hadamard, percentile_alpha
+) -> Path:
+    from . import recipe_mamba1
+
+    shapes = recipe_mamba1.check_shapes(source.config, hadamard, QuantizeError)
+    samples = _samples(source, calib, calib_samples, calib_seqlen)
+    quantized = recipe_mamba1.quantize_tensors(
+        source.config, source.tensors, shapes, samples, hadamard, percentile_alpha
+    )
+    calib_info = {"source": str(calib), "samples": len(samples), "seqlen": calib_seqlen, "seed": seed}
+    quant_config = _int8_linears_config(recipe_mamba1.TARGETS)
+    quant_config["quamba"] = {
+        **recipe_mamba1.quamba_section(recipe, shapes, hadamard, percentile_alpha),
+        "method_version": METHOD_VERSION,
+        "calibration": calib_info,
+    }
+    config = {
+        **{k: v for k, v in source.config.items() if k != "torch_dtype"},
+        "tie_word_embeddings": False,
+        "dtype": "float32",
+        "quantization_config": quant_config,
     }
     _write_checkpoint(out_dir, config, quantized, source.tokenizer_dir, overwrite)
     return out_dir

@@ -1,11 +1,13 @@
-"""Plain-torch forwards of a Mamba2 checkpoint: fp, observed (calibration) and W8A8 simulated.
+"""Plain-torch forwards of Mamba1/Mamba2 checkpoints: fp, observed (calibration) and W8A8 simulated.
 
-``Mamba2Reference`` runs the fp model from transformers-named tensors; an observer callback
-sees every activation the W8A8 recipe quantizes, which is how calibration gathers statistics.
-``QuantizedMamba2Reference`` runs a written quamba W8A8 checkpoint with exactly the runtime's
-numerics: int8 GEMMs with static input scales, the shared SSM path of
-``kernels.quamba2_ssm`` and int8 decode states. It is the reference the vLLM plugin is tested
-against, token by token (prefill, then one decode step per generated token).
+``Mamba2Reference`` / ``MambaReference`` run the fp model from transformers-named tensors; an
+observer callback sees every activation the W8A8 recipe quantizes, which is how calibration
+gathers statistics. ``QuantizedMamba2Reference`` / ``QuantizedMambaReference`` run a written
+quamba W8A8 checkpoint with exactly the runtime's numerics: int8 GEMMs with static input
+scales, the shared SSM path of ``kernels.quamba2_ssm`` / ``kernels.quamba_ssm`` and int8 decode
+states. They are the references the vLLM plugin is tested against, token by token (prefill,
+then one decode step per generated token). The embedding / residual blocks / final norm /
+lm_head backbone and the prefill/decode/generate driver are shared by both architectures.
 """
 
 from __future__ import annotations
@@ -16,16 +18,25 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ..format import Mamba2Shapes, mamba2_ssm_params, mixer_prefix
+from ..format import MambaShapes, Mamba2Shapes, mamba1_ssm_params, mamba2_ssm_params, mixer_prefix
 from ..kernels.causal_conv1d import causal_conv1d_ref
 from ..kernels.gated_rmsnorm import gated_rmsnorm_ref
 from ..kernels.hadamard import hadamard_transform_ref
 from ..kernels.quamba2_ssm import quamba2_ssm_decode_ref, quamba2_ssm_prefill_ref
-from ..kernels.quant import quantize_int8
+from ..kernels.quamba_ssm import (
+    quamba_conv_decode_ref,
+    quamba_conv_prefill_ref,
+    quamba_scan_decode_ref,
+    quamba_scan_prefill_ref,
+)
+from ..kernels.quant import dequantize_int8, quantize_int8
+from ..kernels.selective_scan import selective_scan_ref
 from ..kernels.ssd_chunk_scan import ssd_chunk_scan_ref
 
 # observer(layer, point, tensor): points are "in_proj_input", "z", "x_in", "B_in", "C_in",
 # "dt" (in_proj outputs), "x", "B", "C" (conv outputs), "ssm_state" and "out_proj_input".
+# Mamba1 points: "in_proj_input", "x", "z" (in_proj outputs), "u" (conv output = x_proj input),
+# "x_proj_output", "dt" (dt_proj output, before dt_bias), "ssm_state" and "out_proj_input".
 Observer = Callable[[int, str, torch.Tensor], None]
 
 
@@ -33,14 +44,16 @@ def rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
-class _Mamba2Backbone:
-    """Embedding, residual blocks, final norm and lm_head around a per-layer mixer."""
+class _Backbone:
+    """Embedding, residual blocks, final norm and lm_head around a per-layer mixer.
 
-    def __init__(self, config: dict[str, Any], tensors: dict[str, torch.Tensor]):
+    Architecture-agnostic: ``shapes`` only needs ``num_layers``.
+    """
+
+    def __init__(self, config: dict[str, Any], tensors: dict[str, torch.Tensor], shapes):
         self.config = config
-        self.shapes = Mamba2Shapes.from_config(config)
+        self.shapes = shapes
         self.eps = config.get("layer_norm_epsilon", 1e-5)
-        self.chunk_size = config.get("chunk_size", 256)
         self.tensors = tensors
 
     def layer_tensor(self, layer: int, name: str) -> torch.Tensor:
@@ -55,11 +68,12 @@ class _Mamba2Backbone:
         return h @ self.tensors["lm_head.weight"].t()
 
 
-class Mamba2Reference(_Mamba2Backbone):
+class Mamba2Reference(_Backbone):
     """fp32 forward of one sequence; ``online_hadamard`` rotates out_proj's input at runtime."""
 
     def __init__(self, config, tensors, online_hadamard: bool = False, observer: Observer | None = None):
-        super().__init__(config, tensors)
+        super().__init__(config, tensors, Mamba2Shapes.from_config(config))
+        self.chunk_size = config.get("chunk_size", 256)
         self.online_hadamard = online_hadamard
         self.observer = observer or (lambda layer, point, t: None)
 
@@ -111,18 +125,15 @@ def int8_linear(x: torch.Tensor, tensors: dict[str, torch.Tensor], prefix: str) 
     return acc * (input_scale * tensors[prefix + "weight_scale"].t())
 
 
-class QuantizedMamba2Reference(_Mamba2Backbone):
-    """The simulated W8A8 forward of a quamba checkpoint: the runtime's numerics spec."""
+class _QuantizedBackbone(_Backbone):
+    """Loading, per-layer state bookkeeping and greedy generation of a simulated W8A8 model.
 
-    def __init__(self, config: dict[str, Any], tensors: dict[str, torch.Tensor]):
-        super().__init__(config, tensors)
-        self.ssm = [
-            mamba2_ssm_params(self._mixer_tensors(i), self.shapes, self.eps, self.chunk_size)
-            for i in range(self.shapes.num_layers)
-        ]
+    Subclasses give ``_mixer(layer, h, state, decode)``, returning (mixer output, new per-layer
+    int8 (conv_state, ssm_state)): a prefill of one sequence, or one decode step per sequence.
+    """
 
     @classmethod
-    def from_checkpoint(cls, directory: str | Path) -> "QuantizedMamba2Reference":
+    def from_checkpoint(cls, directory: str | Path):
         import json
 
         from safetensors.torch import load_file
@@ -135,35 +146,26 @@ class QuantizedMamba2Reference(_Mamba2Backbone):
         prefix = mixer_prefix(layer)
         return {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
 
-    def _out_proj(self, layer: int, y: torch.Tensor) -> torch.Tensor:
-        return int8_linear(hadamard_transform_ref(y), self.tensors, mixer_prefix(layer) + "out_proj.")
-
-    def _in_proj(self, layer: int, u: torch.Tensor) -> torch.Tensor:
-        return int8_linear(u, self.tensors, mixer_prefix(layer) + "in_proj.")
+    def _linear(self, layer: int, name: str, x: torch.Tensor) -> torch.Tensor:
+        return int8_linear(x, self.tensors, mixer_prefix(layer) + name + ".")
 
     @torch.no_grad()
-    def prefill(self, ids: torch.Tensor, states: list | None = None):
-        """ids [T] -> (logits [T, vocab], per-layer int8 (conv_state, ssm_state))."""
-        states = list(states) if states is not None else [(None, None)] * self.shapes.num_layers
-
-        def mixer(layer, u):
-            y, conv, ssm = quamba2_ssm_prefill_ref(self._in_proj(layer, u), self.ssm[layer], *states[layer])
-            states[layer] = (conv, ssm)
-            return self._out_proj(layer, y)
-
-        return self._run(ids, mixer), states
-
-    @torch.no_grad()
-    def decode(self, ids: torch.Tensor, states: list):
-        """One token per sequence: ids [B] -> (logits [B, vocab], new states)."""
+    def _forward(self, ids: torch.Tensor, states: list, decode: bool):
         states = list(states)
 
-        def mixer(layer, u):
-            y, conv, ssm = quamba2_ssm_decode_ref(self._in_proj(layer, u), self.ssm[layer], *states[layer])
-            states[layer] = (conv, ssm)
-            return self._out_proj(layer, y)
+        def mixer(layer, h):
+            out, states[layer] = self._mixer(layer, h, states[layer], decode)
+            return out
 
         return self._run(ids, mixer), states
+
+    def prefill(self, ids: torch.Tensor, states: list | None = None):
+        """ids [T] -> (logits [T, vocab], per-layer int8 (conv_state, ssm_state))."""
+        return self._forward(ids, states or [(None, None)] * self.shapes.num_layers, decode=False)
+
+    def decode(self, ids: torch.Tensor, states: list):
+        """One token per sequence: ids [B] -> (logits [B, vocab], new states)."""
+        return self._forward(ids, states, decode=True)
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         return self.prefill(ids)[0]
@@ -180,3 +182,112 @@ class QuantizedMamba2Reference(_Mamba2Backbone):
             step_logits.append(logits[0])
             tokens.append(int(logits[0].argmax()))
         return tokens, torch.stack(step_logits)
+
+
+class QuantizedMamba2Reference(_QuantizedBackbone):
+    """The simulated W8A8 forward of a Mamba2 quamba checkpoint: the runtime's numerics spec."""
+
+    def __init__(self, config: dict[str, Any], tensors: dict[str, torch.Tensor]):
+        super().__init__(config, tensors, Mamba2Shapes.from_config(config))
+        self.chunk_size = config.get("chunk_size", 256)
+        self.ssm = [
+            mamba2_ssm_params(self._mixer_tensors(i), self.shapes, self.eps, self.chunk_size)
+            for i in range(self.shapes.num_layers)
+        ]
+
+    def _out_proj(self, layer: int, y: torch.Tensor) -> torch.Tensor:
+        return self._linear(layer, "out_proj", hadamard_transform_ref(y))
+
+    def _mixer(self, layer, h, state, decode):
+        ssm_path = quamba2_ssm_decode_ref if decode else quamba2_ssm_prefill_ref
+        y, conv, ssm = ssm_path(self._linear(layer, "in_proj", h), self.ssm[layer], *state)
+        return self._out_proj(layer, y), (conv, ssm)
+
+
+class MambaReference(_Backbone):
+    """fp32 forward of one Mamba1 sequence (transformers' MambaMixer math).
+
+    ``online_hadamard`` rotates out_proj's input at runtime (pair it with
+    ``transforms.fuse_out_proj_hadamard``); the observer sees every quantization point.
+    """
+
+    def __init__(self, config, tensors, online_hadamard: bool = False, observer: Observer | None = None):
+        super().__init__(config, tensors, MambaShapes.from_config(config))
+        self.online_hadamard = online_hadamard
+        self.observer = observer or (lambda layer, point, t: None)
+
+    @torch.no_grad()
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [T] -> logits [T, vocab]."""
+        return self._run(ids, self._mixer)
+
+    def _optional(self, layer: int, name: str) -> torch.Tensor | None:
+        return self.tensors.get(mixer_prefix(layer) + name)
+
+    def _mixer(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        s, see, w = self.shapes, self.observer, lambda name: self.layer_tensor(layer, name)  # noqa: E731
+        see(layer, "in_proj_input", h)
+        xz = h @ w("in_proj.weight").t()
+        if self._optional(layer, "in_proj.bias") is not None:
+            xz = xz + w("in_proj.bias")
+        x, z = torch.split(xz, [s.intermediate_size, s.intermediate_size], dim=-1)
+        see(layer, "x", x)
+        see(layer, "z", z)
+        conv_w = w("conv1d.weight").reshape(s.intermediate_size, -1)
+        u, _ = causal_conv1d_ref(x, conv_w, self._optional(layer, "conv1d.bias"), None, "silu")
+        see(layer, "u", u)
+        x_dbl = u @ w("x_proj.weight").t()
+        see(layer, "x_proj_output", x_dbl)
+        dt_low, B, C = torch.split(x_dbl, [s.time_step_rank, s.state_size, s.state_size], dim=-1)
+        dt = dt_low @ w("dt_proj.weight").t()
+        see(layer, "dt", dt)
+        y, state = selective_scan_ref(
+            u, dt, -torch.exp(w("A_log")), B, C, D=w("D"), z=z,
+            delta_bias=self._optional(layer, "dt_proj.bias"), delta_softplus=True,
+        )
+        see(layer, "ssm_state", state)
+        if self.online_hadamard:
+            y = hadamard_transform_ref(y)
+        see(layer, "out_proj_input", y)
+        out = y @ w("out_proj.weight").t()
+        if self._optional(layer, "out_proj.bias") is not None:
+            out = out + w("out_proj.bias")
+        return out
+
+
+class QuantizedMambaReference(_QuantizedBackbone):
+    """The simulated W8A8 forward of a Mamba1 quamba checkpoint: the runtime's numerics spec.
+
+    in_proj -> ``quamba_conv_*`` -> x_proj -> dt_proj -> ``quamba_scan_*`` -> [online Hadamard]
+    -> out_proj; the four linears are W8A8 (``int8_linear``). The online Hadamard is applied
+    only when the checkpoint's ``quamba.hadamard`` is not null.
+    """
+
+    def __init__(self, config: dict[str, Any], tensors: dict[str, torch.Tensor]):
+        super().__init__(config, tensors, MambaShapes.from_config(config))
+        section = config.get("quantization_config", {}).get("quamba", {})
+        self.online_hadamard = section.get("hadamard") is not None
+        self.ssm = [mamba1_ssm_params(self._mixer_tensors(i), self.shapes) for i in range(self.shapes.num_layers)]
+
+    def _x_proj_dt_proj(self, layer: int, u_q: torch.Tensor):
+        p = self.ssm[layer]
+        x_dbl = self._linear(layer, "x_proj", dequantize_int8(u_q, p.u_scale))
+        dt = self._linear(layer, "dt_proj", x_dbl[..., : p.time_step_rank])
+        return x_dbl, dt
+
+    def _out_proj(self, layer: int, y: torch.Tensor) -> torch.Tensor:
+        if self.online_hadamard:
+            y = hadamard_transform_ref(y)
+        return self._linear(layer, "out_proj", y)
+
+    def _mixer(self, layer, h, state, decode):
+        conv_state, ssm_state = state
+        p = self.ssm[layer]
+        conv_path, scan_path = (
+            (quamba_conv_decode_ref, quamba_scan_decode_ref) if decode
+            else (quamba_conv_prefill_ref, quamba_scan_prefill_ref)
+        )
+        u_q, z_q, conv = conv_path(self._linear(layer, "in_proj", h), p, conv_state)
+        x_dbl, dt = self._x_proj_dt_proj(layer, u_q)
+        y, ssm = scan_path(u_q, z_q, x_dbl, dt, p, ssm_state)
+        return self._out_proj(layer, y), (conv, ssm)

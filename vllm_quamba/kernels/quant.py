@@ -35,3 +35,15 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor | float) -> torch.Tenso
 def fake_quant_int8(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
     """Quantize-dequantize round trip, returned in x's dtype."""
     return dequantize_int8(quantize_int8(x, scale), scale).to(x.dtype)
+
+
+def quantize_per_channel_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one absmax scale per output row: (int8 weight, scales [rows, 1])."""
+    scale = symmetric_scale(weight.abs().amax(dim=1, keepdim=True))
+    return quantize_int8(weight, scale), scale
+
+
+def quantize_per_tensor_int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one absmax scale: (int8 tensor, scale [1])."""
+    scale = symmetric_scale(t.abs().amax()).reshape(1)
+    return quantize_int8(t, scale), scale

@@ -1,0 +1,132 @@
+"""The Quamba W8A8 recipe for Mamba1 (``MambaForCausalLM``), source tensors -> quamba tensors.
+
+Order (quamba.md sections 0, 1 "at HEAD", 2.4, 2.5 and 9): fold the RMSNorm weights; rotate the
+residual stream and fuse the out_proj Hadamard (out_proj's input is rotated online at runtime);
+calibrate every activation scale on that fp model; quantize the weights. Activation scales
+are static per-tensor absmax/127, except the SSM input u (x_proj's input) and the final SSM
+state, which use the percentile observer (``calibration.MambaActivationStats``).
+
+The two switches give the naive baselines of the Quamba papers: ``hadamard=False`` keeps the
+residual stream and out_proj's input unrotated (norms are still folded: that is exact and
+changes nothing but where gamma lives), ``percentile_alpha=None`` uses absmax for u and the
+state too. ``quantize.quantize`` checks the request and writes the checkpoint; this module
+holds what is Mamba1-specific.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from ..format import MambaShapes, mixer_prefix
+from ..kernels.hadamard import is_supported_hadamard_size
+from ..kernels.quant import quantize_per_channel_int8, quantize_per_tensor_int8
+from . import transforms
+from .calibration import MambaActivationStats
+from .simulate import MambaReference
+
+TARGETS = r"re:.*mixer\.(in|x|dt|out)_proj$"
+
+
+def check_shapes(config: dict[str, Any], hadamard: bool, error: type[Exception]) -> MambaShapes:
+    """The model's sizes, or ``error`` for a Mamba1 model the recipe cannot take."""
+    shapes = MambaShapes.from_config(config)
+    if hadamard:
+        for what, size in (("hidden_size", shapes.hidden_size), ("intermediate_size", shapes.intermediate_size)):
+            if not is_supported_hadamard_size(size):
+                raise error(
+                    f"{what} {size} is not a size the Hadamard transform supports "
+                    "(2^k, 12*2^k, 20*2^k, 28*2^k or 40*2^k); --no-hadamard quantizes without it"
+                )
+    if config.get("use_bias"):
+        raise error("Mamba1 models with in_proj/out_proj biases are not supported")
+    return shapes
+
+
+def transformed_tensors(tensors: dict[str, torch.Tensor], hadamard: bool) -> dict[str, torch.Tensor]:
+    """The compute-invariant rewrites the recipe applies before calibration."""
+    tensors = transforms.fold_norms(tensors)
+    if hadamard:
+        tensors = transforms.fuse_out_proj_hadamard(transforms.rotate_residual(tensors))
+    return tensors
+
+
+def calibrate(
+    config: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    samples: list[torch.Tensor],
+    hadamard: bool,
+    percentile_alpha: float | None,
+) -> MambaActivationStats:
+    stats = MambaActivationStats(percentile_alpha)
+    reference = MambaReference(config, tensors, online_hadamard=hadamard, observer=stats)
+    for ids in tqdm(samples, desc="calibration (scales)", unit="sample"):
+        reference.logits(ids)
+    return stats
+
+
+def quantize_mixer(
+    tensors: dict[str, torch.Tensor], layer: int, shapes: MambaShapes, stats: MambaActivationStats
+) -> dict[str, torch.Tensor]:
+    """One mixer's quamba tensors (format.mamba1_w8a8_mixer_tensors), full names."""
+    prefix = mixer_prefix(layer)
+    t = lambda name: tensors[prefix + name]  # noqa: E731
+    scale = lambda point: stats.scale(layer, point)  # noqa: E731
+    out: dict[str, torch.Tensor] = {}
+    x_proj_out = scale("x_proj_output")
+    input_scales = {
+        "in_proj": scale("in_proj_input"),
+        "x_proj": scale("u"),
+        "dt_proj": x_proj_out,  # dt_low arrives quantized with the x_proj output scale
+        "out_proj": scale("out_proj_input"),
+    }
+    for linear, input_scale in input_scales.items():
+        out[f"{linear}.weight"], out[f"{linear}.weight_scale"] = quantize_per_channel_int8(t(f"{linear}.weight"))
+        out[f"{linear}.input_scale"] = input_scale.clone()
+    out["x_scale"], out["z_scale"] = scale("x"), scale("z")
+    out["x_proj.output_scale"], out["dt_scale"] = x_proj_out.clone(), scale("dt")
+    out["conv1d.weight"], out["conv1d.weight_scale"] = quantize_per_tensor_int8(t("conv1d.weight"))
+    conv_bias = tensors.get(prefix + "conv1d.bias", torch.zeros(shapes.intermediate_size))
+    out["conv1d.bias"], out["conv1d.bias_scale"] = quantize_per_tensor_int8(conv_bias)
+    out["A_log"], out["A_log_scale"] = quantize_per_tensor_int8(t("A_log"))
+    out["D"], out["D_scale"] = quantize_per_tensor_int8(t("D"))
+    dt_bias = tensors.get(prefix + "dt_proj.bias", torch.zeros(shapes.intermediate_size))
+    out["dt_bias"], out["dt_bias_scale"] = quantize_per_tensor_int8(dt_bias)
+    out["ssm_state_scale"] = scale("ssm_state")
+    return {prefix + name: value.contiguous() for name, value in out.items()}
+
+
+def quantize_tensors(
+    config: dict[str, Any],
+    source_tensors: dict[str, torch.Tensor],
+    shapes: MambaShapes,
+    samples: list[torch.Tensor],
+    hadamard: bool,
+    percentile_alpha: float | None,
+) -> dict[str, torch.Tensor]:
+    """Source tensors (transformers names, fp32) -> every tensor of the quamba checkpoint."""
+    tensors = transformed_tensors(source_tensors, hadamard)
+    stats = calibrate(config, tensors, samples, hadamard, percentile_alpha)
+    quantized = {name: t.contiguous() for name, t in tensors.items() if ".mixer." not in name}
+    for layer in range(shapes.num_layers):
+        quantized.update(quantize_mixer(tensors, layer, shapes, stats))
+    return quantized
+
+
+def quamba_section(recipe: str, shapes: MambaShapes, hadamard: bool, percentile_alpha: float | None) -> dict[str, Any]:
+    """The Mamba1 entries of ``quantization_config.quamba`` (besides method version, calibration)."""
+    return {
+        "recipe": recipe,
+        "architecture": "mamba",
+        "hadamard": (
+            {"residual": shapes.hidden_size, "out_proj_input": shapes.intermediate_size} if hadamard else None
+        ),
+        "percentile_alpha": percentile_alpha,
+        "percentile_points": ["x_proj_input", "ssm_state"] if percentile_alpha is not None else [],
+        "layer_precision": None,
+        "ssm_state_dtype": "int8",
+        "conv_state_dtype": "int8",
+        "weight_scales": "per-channel",
+    }
