@@ -7,8 +7,10 @@ the checkpoint declares them as int8 channel-wise weights (``weight_scale`` [N, 
 static symmetric per-tensor int8 ``input_scale``, which vLLM maps to
 ``CompressedTensorsW8A8Int8`` (on CPU: ``CPUInt8ScaledMMLinearKernel`` -> oneDNN; its input
 quantization is ``round_half_even(x * (1 / input_scale))`` clamped to [-128, 127]).
-The SSM side (conv1d, scan, state) is handled by ``layers.mamba2_mixer.QuambaMixer2``,
-which the model class ``layers.models.QuambaMamba2ForCausalLM`` builds when it sees this config.
+The SSM side (conv1d, scan, state) is handled by ``layers.mamba2_mixer.QuambaMixer2``
+(Mamba2) and ``layers.mamba1_mixer.QuambaMixer`` (Mamba1, whose four mixer linears in_proj,
+x_proj, dt_proj, out_proj are all W8A8), which the model classes of ``layers.models`` build when
+they see this config.
 
 The class lives at module level: vLLM pickles the config object into the engine and worker
 processes.
@@ -33,11 +35,14 @@ from vllm.model_executor.layers.quantization.compressed_tensors.schemes import (
 )
 
 from .format import (
+    MAMBA1_QUANTIZED_LINEARS,
     MAMBA2_QUANTIZED_LINEARS,
     QUANT_METHOD,
+    MambaShapes,
     Mamba2Shapes,
     QuambaFormatError,
     check_spec,
+    mamba1_w8a8_mixer_tensors,
     mamba2_w8a8_mixer_tensors,
     mixer_prefix,
     quamba_section,
@@ -46,6 +51,10 @@ from .format import (
 # Recipes this runtime can serve. The format knows more (format.RECIPES); the others fail
 # clearly at engine start instead of loading weights they cannot run.
 SERVED_RECIPES = ("w8a8",)
+# Architectures this runtime serves (model classes in ``layers.models``).
+SERVED_ARCHITECTURES = ("Mamba2ForCausalLM", "MambaForCausalLM")
+# The mixer linears a w8a8 checkpoint quantizes, over both architectures.
+_MIXER_LINEARS = frozenset(MAMBA2_QUANTIZED_LINEARS) | frozenset(MAMBA1_QUANTIZED_LINEARS)
 
 
 def is_quamba_checkpoint_config(hf_quant_cfg: dict[str, Any] | None) -> bool:
@@ -136,10 +145,10 @@ class QuambaConfig(CompressedTensorsConfig):
         if hf_config is None:
             return
         architectures = list(getattr(hf_config, "architectures", None) or [])
-        if "Mamba2ForCausalLM" not in architectures:
+        if not any(a in SERVED_ARCHITECTURES for a in architectures):
             raise QuambaFormatError(
                 f"quamba checkpoint architectures {architectures}: this version of the "
-                "vllm-quamba runtime serves Mamba2ForCausalLM only"
+                f"vllm-quamba runtime serves {' and '.join(SERVED_ARCHITECTURES)} only"
             )
         if os.path.isdir(model_name):
             check_checkpoint_headers(model_name, hf_config.to_dict())
@@ -173,7 +182,8 @@ class QuambaConfig(CompressedTensorsConfig):
             raise QuambaFormatError(
                 f"quantization_config.config_groups do not quantize {prefix!r} as W8A8 int8 "
                 f"(got {type(scheme).__name__ if scheme is not None else type(method).__name__}); "
-                "a quamba w8a8 checkpoint quantizes every mixer in_proj/out_proj"
+                "a quamba w8a8 checkpoint quantizes every mixer linear (Mamba2: in_proj/"
+                "out_proj; Mamba1: in_proj/x_proj/dt_proj/out_proj)"
             )
         if not (
             scheme.is_static_input_scheme
@@ -190,7 +200,7 @@ class QuambaConfig(CompressedTensorsConfig):
 
 def _is_mixer_linear(prefix: str) -> bool:
     parts = prefix.split(".")
-    return len(parts) >= 2 and parts[-2] == "mixer" and parts[-1] in MAMBA2_QUANTIZED_LINEARS
+    return len(parts) >= 2 and parts[-2] == "mixer" and parts[-1] in _MIXER_LINEARS
 
 
 # safetensors header dtype names of the torch dtypes a checkpoint may hold.
@@ -213,8 +223,12 @@ def check_checkpoint_headers(model_dir: str, hf_config: dict[str, Any]) -> None:
                 headers[name] = (tuple(piece.get_shape()), _SAFETENSORS_DTYPES.get(piece.get_dtype(), piece.get_dtype()))
     if not headers:
         return  # not a local safetensors checkpoint: the worker's checks still apply
-    shapes = Mamba2Shapes.from_config(hf_config)
-    table = mamba2_w8a8_mixer_tensors(shapes)
+    if "MambaForCausalLM" in (hf_config.get("architectures") or []):
+        shapes: Mamba2Shapes | MambaShapes = MambaShapes.from_config(hf_config)
+        table = mamba1_w8a8_mixer_tensors(shapes)
+    else:
+        shapes = Mamba2Shapes.from_config(hf_config)
+        table = mamba2_w8a8_mixer_tensors(shapes)
     for layer in range(shapes.num_layers):
         prefix = mixer_prefix(layer)
         for rel, (shape, dtype) in table.items():

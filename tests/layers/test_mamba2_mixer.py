@@ -23,7 +23,8 @@ import vllm_quamba.layers.mamba2_mixer as mixer_mod  # noqa: E402
 from vllm_quamba.config import QuambaConfig  # noqa: E402
 from vllm_quamba.format import QuambaFormatError, mamba2_w8a8_mixer_tensors, mixer_prefix  # noqa: E402
 from vllm_quamba.kernels.quamba2_ssm import quamba2_ssm_decode_ref, quamba2_ssm_prefill_ref  # noqa: E402
-from vllm_quamba.layers.mamba2_mixer import QuambaMixer2, vllm_relative_name  # noqa: E402
+from vllm_quamba.layers.checkpoint_tensors import vllm_relative_name  # noqa: E402
+from vllm_quamba.layers.mamba2_mixer import QuambaMixer2  # noqa: E402
 
 from tests.tiny_models import TINY_MAMBA2  # noqa: E402
 

@@ -20,49 +20,36 @@ calls on every AttentionLayerBase once all weights are in), where ``self.ssm_par
 
 from __future__ import annotations
 
-from collections.abc import Callable
 
 import torch
-from torch import nn
 from vllm.config import CacheConfig, ModelConfig
 from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.mamba.mamba_mixer2 import MambaMixer2
 from vllm.model_executor.layers.mamba.mamba_utils import is_conv_state_dim_first
 from vllm.model_executor.layers.quantization import QuantizationConfig
-from vllm.model_executor.utils import set_weight_attrs
 from vllm.utils.torch_utils import _encode_layer_name
 
 from ..format import (
     MAMBA2_QUANTIZED_LINEARS,
     Mamba2Shapes,
     QuambaFormatError,
-    check_tensor,
     mamba2_ssm_params,
     mamba2_w8a8_mixer_tensors,
 )
 from ..kernels.hadamard import hadamard_transform_ref
+from .checkpoint_tensors import CheckpointTensorsMixin, TensorHolder
 from ..kernels.quamba2_ssm import (
     Quamba2SSMParams,
     quamba2_ssm_decode_ref,
     quamba2_ssm_prefill_ref,
 )
 
-# The int8 (conv_state, ssm_state) of every quamba layer in vLLM's Mamba state cache.
-QUAMBA_STATE_DTYPES = (torch.int8, torch.int8)
 
 # Submodules that, in the stock mixer, hold SSM tensors of the table; here they become plain
 # parameter holders (conv1d is an int8 tensor with per-segment scales, not a Linear).
 _HOLDER_MODULES = ("conv1d", "norm")
 
-
-def vllm_relative_name(checkpoint_relative: str) -> str:
-    """The mixer-relative name a checkpoint tensor gets after Mamba2's weight mapper.
-
-    ``Mamba2ForCausalLM.hf_to_vllm_mapper`` renames the substring ".A_log" to ".A", so
-    ``A_log`` arrives as ``A`` and ``A_log_scale`` as ``A_scale``.
-    """
-    return ("." + checkpoint_relative).replace(".A_log", ".A")[1:]
 
 
 def quamba_mixer_ssm_tensors(shapes: Mamba2Shapes) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -74,21 +61,11 @@ def quamba_mixer_ssm_tensors(shapes: Mamba2Shapes) -> dict[str, tuple[tuple[int,
     }
 
 
-class _TensorHolder(nn.Module):
-    """A bare container of parameters (keeps checkpoint names like ``conv1d.weight``)."""
 
 
-def _checked_loader(
-    checkpoint_name: str, shape: tuple[int, ...], dtype: torch.dtype
-) -> Callable[[torch.Tensor, torch.Tensor], None]:
-    def load(param: torch.Tensor, loaded: torch.Tensor) -> None:
-        check_tensor(checkpoint_name, loaded, shape, dtype)
-        param.data.copy_(loaded)
-
-    return load
 
 
-class QuambaMixer2(MambaMixer2):
+class QuambaMixer2(CheckpointTensorsMixin, MambaMixer2):
     """Mamba2 mixer of a quamba W8A8 checkpoint (tensor parallel size 1)."""
 
     def __init__(
@@ -168,42 +145,11 @@ class QuambaMixer2(MambaMixer2):
             delattr(self, name)
         for name in _HOLDER_MODULES:
             delattr(self, name)
-            setattr(self, name, _TensorHolder())
+            setattr(self, name, TensorHolder())
 
-        self._ssm_tensor_specs = quamba_mixer_ssm_tensors(self.shapes)
-        for ckpt_name, (shape, dtype) in self._ssm_tensor_specs.items():
-            owner, param_name = self._owner_of(ckpt_name)
-            param = nn.Parameter(torch.zeros(shape, dtype=dtype), requires_grad=False)
-            set_weight_attrs(
-                param,
-                {"weight_loader": _checked_loader(self.checkpoint_name(ckpt_name), shape, dtype)},
-            )
-            owner.register_parameter(param_name, param)
+        self.register_checkpoint_tensors(quamba_mixer_ssm_tensors(self.shapes))
 
         self.ssm_params: Quamba2SSMParams | None = None
-
-    # ----- names ---------------------------------------------------------------------------
-    def checkpoint_name(self, relative: str) -> str:
-        """Full checkpoint tensor name of a mixer-relative format name."""
-        return f"{self.prefix}.{relative}"
-
-    def _owner_of(self, checkpoint_relative: str) -> tuple[nn.Module, str]:
-        parts = vllm_relative_name(checkpoint_relative).split(".")
-        owner: nn.Module = self
-        for part in parts[:-1]:
-            owner = getattr(owner, part)
-        return owner, parts[-1]
-
-    def ssm_tensor(self, checkpoint_relative: str) -> torch.Tensor:
-        owner, name = self._owner_of(checkpoint_relative)
-        return getattr(owner, name)
-
-    def expected_vllm_names(self) -> dict[str, str]:
-        """vLLM parameter name -> checkpoint name, for every SSM tensor this mixer loads."""
-        return {
-            f"{self.prefix}.{vllm_relative_name(rel)}": self.checkpoint_name(rel)
-            for rel in self._ssm_tensor_specs
-        }
 
     # ----- loading ---------------------------------------------------------------------------
     def process_weights_after_loading(self, act_dtype: torch.dtype | None = None) -> None:
@@ -212,11 +158,7 @@ class QuambaMixer2(MambaMixer2):
         vLLM's loader calls this on every attention-like layer after the linears' own
         ``process_weights_after_loading`` (model_loader/utils.py).
         """
-        tensors: dict[str, torch.Tensor] = {}
-        for rel, (shape, dtype) in self._ssm_tensor_specs.items():
-            tensor = self.ssm_tensor(rel).data
-            check_tensor(self.checkpoint_name(rel), tensor, shape, dtype)
-            tensors[rel] = tensor
+        tensors = self.checked_checkpoint_tensors()
         self._check_group_ranges(tensors)
         self.ssm_params = mamba2_ssm_params(
             tensors, self.shapes, norm_eps=self.rms_norm_eps, chunk_size=self.chunk_size
@@ -239,11 +181,6 @@ class QuambaMixer2(MambaMixer2):
                     f"quamba checkpoint tensor {self.checkpoint_name(name)!r} is not a "
                     f"non-decreasing cumulative size ending at {total}"
                 )
-
-    # ----- state cache -------------------------------------------------------------------------
-    def get_state_dtype(self) -> tuple[torch.dtype, ...]:
-        # Shapes stay the stock Mamba2 ones (get_state_shape is inherited).
-        return QUAMBA_STATE_DTYPES
 
     # ----- forward ---------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, mup_vector: torch.Tensor | None = None):

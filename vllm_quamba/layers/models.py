@@ -30,8 +30,16 @@ from vllm.model_executor.models.mamba2 import Mamba2ForCausalLM
 from vllm.platforms import current_platform
 
 from ..config import QuambaConfig
-from ..format import QUANT_METHOD, QuambaFormatError, check_tensor, mamba2_w8a8_mixer_tensors
-from .mamba2_mixer import QUAMBA_STATE_DTYPES, QuambaMixer2
+from ..format import (
+    QUANT_METHOD,
+    QuambaFormatError,
+    check_tensor,
+    mamba1_w8a8_mixer_tensors,
+    mamba2_w8a8_mixer_tensors,
+)
+from .checkpoint_tensors import QUAMBA_STATE_DTYPES
+from .mamba1_mixer import QuambaMixer
+from .mamba2_mixer import QuambaMixer2
 
 
 def is_quamba(vllm_config: VllmConfig) -> bool:
@@ -138,20 +146,83 @@ def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:
 
 
 class QuambaMambaForCausalLM(MambaForCausalLM):
-    """vLLM's ``MambaForCausalLM``, made to run on the CPU platform (unquantized).
+    """vLLM's ``MambaForCausalLM``, made to run on the CPU platform, and serving quamba
+    W8A8 Mamba1 checkpoints.
 
-    The scan kernels vLLM-CPU lacks are supplied as ops by ``vllm_quamba.layers.mamba1_ops``
-    (registered in :func:`vllm_quamba.register`). One more thing breaks in the stock mixer on
-    the CPU: ``MambaMixer.forward_impl`` feeds ``out_proj`` a transposed ``(tokens, dim)`` view
-    of the channel-first scan output (unit stride over tokens) whenever the batch holds a
-    prefill, and the CPU linear (oneDNN ``onednn_mm``) requires ``stride(-1) == 1``. A forward
-    pre-hook on each mixer's ``out_proj`` makes that input contiguous; nothing else changes
-    (off the CPU platform the class is the stock one).
+    Unquantized: the scan kernels vLLM-CPU lacks are supplied as ops by
+    ``vllm_quamba.layers.mamba1_ops`` (registered in :func:`vllm_quamba.register`). One more
+    thing breaks in the stock mixer on the CPU: ``MambaMixer.forward_impl`` feeds ``out_proj``
+    a transposed ``(tokens, dim)`` view of the channel-first scan output (unit stride over
+    tokens) whenever the batch holds a prefill, and the CPU linear (oneDNN ``onednn_mm``)
+    requires ``stride(-1) == 1``. A forward pre-hook on each mixer's ``out_proj`` makes that
+    input contiguous; nothing else changes (off the CPU platform the class is the stock one).
+
+    Quamba checkpoint (``vllm_config.quant_config`` is a ``QuambaConfig``): every decoder layer
+    gets a ``QuambaMixer`` (``layers.mamba1_mixer``), swapped in like ``QuambaMixer2`` above
+    (``_pluggable_layer_replaced`` only while the stock constructor runs), with int8 states,
+    and the same streaming shape/dtype checks and completeness check at load.
     """
 
+    @classmethod
+    def get_mamba_state_dtype_from_config(
+        cls, vllm_config: VllmConfig
+    ) -> tuple[torch.dtype, torch.dtype]:
+        if is_quamba(vllm_config):
+            return QUAMBA_STATE_DTYPES
+        return super().get_mamba_state_dtype_from_config(vllm_config)
+
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        if current_platform.is_cpu():
-            for module in self.modules():
-                if isinstance(module, MambaMixer):
-                    module.out_proj.register_forward_pre_hook(_contiguous_input)
+        if not isinstance(vllm_config.quant_config, QuambaConfig):
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+            self.quamba_mixers: list[QuambaMixer] = []
+            if current_platform.is_cpu():
+                for module in self.modules():
+                    if isinstance(module, MambaMixer):
+                        module.out_proj.register_forward_pre_hook(_contiguous_input)
+            return
+        with _pluggable_layer_replaced(MambaMixer, QuambaMixer):
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.quamba_mixers = [m for m in self.modules() if isinstance(m, QuambaMixer)]
+        num_layers = len(self.backbone.layers)
+        if len(self.quamba_mixers) != num_layers:
+            raise RuntimeError(
+                f"built {len(self.quamba_mixers)} quamba mixers for {num_layers} layers: another "
+                "plugin replaces MambaMixer"
+            )
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        if not self.quamba_mixers:
+            return super().load_weights(weights)
+        specs = {}
+        for mixer in self.quamba_mixers:
+            for rel, spec in mamba1_w8a8_mixer_tensors(mixer.shapes).items():
+                specs[mixer.checkpoint_name(rel)] = spec
+        loaded = super().load_weights(_checked_stream(weights, specs))
+        _check_complete(self, loaded, self.quamba_mixers)
+        return loaded
+
+
+def _checked_stream(
+    weights: Iterable[tuple[str, torch.Tensor]], specs: dict
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Check each known mixer tensor's shape/dtype under its checkpoint name, as it streams."""
+    for name, tensor in weights:
+        spec = specs.get(name)
+        if spec is not None:
+            check_tensor(name, tensor, *spec)
+        yield name, tensor
+
+
+def _check_complete(model: torch.nn.Module, loaded: set[str], mixers) -> None:
+    """Every parameter must come from the checkpoint (vLLM checks this only for unquantized
+    models); the error names the missing checkpoint tensors."""
+    to_checkpoint_name = {}
+    for mixer in mixers:
+        to_checkpoint_name.update(mixer.expected_vllm_names())
+    missing = sorted(
+        to_checkpoint_name.get(name, name) for name, _ in model.named_parameters() if name not in loaded
+    )
+    if missing:
+        shown = ", ".join(repr(n) for n in missing[:8])
+        more = f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""
+        raise QuambaFormatError(f"quamba checkpoint is missing tensor(s) {shown}{more}")
