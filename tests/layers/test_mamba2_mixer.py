@@ -20,6 +20,7 @@ from vllm.model_executor.layers.quantization.compressed_tensors.schemes import (
 )
 
 import vllm_quamba.layers.mamba2_mixer as mixer_mod  # noqa: E402
+import vllm_quamba.layers.checkpoint_tensors as batch_mod  # noqa: E402  (where the mixers read the forward context)
 from vllm_quamba.config import QuambaConfig  # noqa: E402
 from vllm_quamba.format import QuambaFormatError, mamba2_w8a8_mixer_tensors, mixer_prefix  # noqa: E402
 from vllm_quamba.kernels.quamba2_ssm import quamba2_ssm_decode_ref, quamba2_ssm_prefill_ref  # noqa: E402
@@ -180,7 +181,7 @@ def test_conv_ssm_forward_mixed_batch_matches_references(loaded_mixer, monkeypat
     projected = torch.randn(padded, s.in_proj_dim, generator=gen) * 2.0
     output = torch.full((padded, s.intermediate_size), 7.0)
     monkeypatch.setattr(
-        mixer_mod, "get_forward_context",
+        batch_mod, "get_forward_context",
         lambda: types.SimpleNamespace(attn_metadata={PREFIX: meta}),
     )
     mixer.conv_ssm_forward(projected, output)
@@ -220,7 +221,7 @@ def test_continued_prefill_equals_one_long_prefill(loaded_mixer, monkeypatch):
     for lo, hi, has_initial in ((0, 5, False), (5, 12, True)):
         meta = _metadata([], [(1, hi - lo, has_initial)])
         monkeypatch.setattr(
-            mixer_mod, "get_forward_context",
+            batch_mod, "get_forward_context",
             lambda meta=meta: types.SimpleNamespace(attn_metadata={PREFIX: meta}),
         )
         mixer.conv_ssm_forward(projected[lo:hi], out[lo:hi])
@@ -233,7 +234,7 @@ def test_continued_prefill_equals_one_long_prefill(loaded_mixer, monkeypatch):
 
 def test_profile_run_without_metadata_writes_zeros(loaded_mixer, monkeypatch):
     s = loaded_mixer.shapes
-    monkeypatch.setattr(mixer_mod, "get_forward_context", lambda: types.SimpleNamespace(attn_metadata=None))
+    monkeypatch.setattr(batch_mod, "get_forward_context", lambda: types.SimpleNamespace(attn_metadata=None))
     out = torch.full((4, s.intermediate_size), 3.0)
     loaded_mixer.conv_ssm_forward(torch.randn(4, s.in_proj_dim), out)
     assert torch.equal(out, torch.zeros_like(out))

@@ -14,6 +14,9 @@ import torch
 from torch import nn
 from vllm.model_executor.utils import set_weight_attrs
 
+from vllm.forward_context import get_forward_context
+from vllm.model_executor.layers.mamba.mamba_utils import is_conv_state_dim_first
+
 from ..format import check_tensor
 
 # The int8 (conv_state, ssm_state) of every quamba layer in vLLM's Mamba state cache; the
@@ -51,6 +54,8 @@ class CheckpointTensorsMixin:
 
     prefix: str
     _ssm_tensor_specs: TensorSpecs
+    ssm_params: object | None
+    kv_cache: list
 
     def register_checkpoint_tensors(self, specs: TensorSpecs) -> None:
         self._ssm_tensor_specs = specs
@@ -96,3 +101,28 @@ class CheckpointTensorsMixin:
 
     def get_state_dtype(self) -> tuple[torch.dtype, torch.dtype]:
         return QUAMBA_STATE_DTYPES
+
+    def batch_state_caches(self, output: torch.Tensor):
+        """This step's Mamba metadata and int8 (conv, ssm) caches, conv as (K-1, dim) per slot.
+
+        None on vLLM's profile run (no state cache yet; ``output`` is zeroed). Rows of
+        ``output`` past the batch's real tokens (padding) are zeroed.
+        """
+        metadata = get_forward_context().attn_metadata
+        if isinstance(metadata, dict):
+            metadata = metadata.get(self.prefix)
+        if metadata is None:
+            output.zero_()
+            return None
+        if self.ssm_params is None:
+            raise RuntimeError(f"{self.prefix}: quamba SSM parameters were never loaded")
+        if metadata.num_decodes > 0 and metadata.num_decode_tokens != metadata.num_decodes:
+            raise NotImplementedError("quamba decode handles one token per sequence")
+        num_tokens = metadata.num_decode_tokens + metadata.num_prefill_tokens
+        if num_tokens < output.shape[0]:
+            output[num_tokens:].zero_()
+        conv_cache = self.kv_cache[0]
+        if is_conv_state_dim_first():
+            # DS layout stores (dim, K-1) per slot; the references use (K-1, dim).
+            conv_cache = conv_cache.transpose(-1, -2)
+        return metadata, conv_cache, self.kv_cache[1], num_tokens

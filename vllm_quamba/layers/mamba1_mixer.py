@@ -27,10 +27,8 @@ from __future__ import annotations
 import torch
 from vllm.config import CacheConfig, ModelConfig, get_current_vllm_config
 from vllm.distributed import get_tensor_model_parallel_world_size
-from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
 from vllm.model_executor.layers.mamba.mamba_mixer import MambaMixer
-from vllm.model_executor.layers.mamba.mamba_utils import is_conv_state_dim_first
 
 from ..format import (
     MAMBA1_QUANTIZED_LINEARS,
@@ -178,6 +176,10 @@ class QuambaMixer(CheckpointTensorsMixin, MambaMixer):
 
         self.ssm_params: QuambaSSMParams | None = None
 
+    def format_tensors(self):
+        """Name -> (shape, dtype) of every checkpoint tensor of this mixer (format.py's table)."""
+        return mamba1_w8a8_mixer_tensors(self.shapes)
+
     # ----- loading ---------------------------------------------------------------------------
     def process_weights_after_loading(self, act_dtype: torch.dtype | None = None) -> None:
         """Check the loaded tensors and build ``self.ssm_params`` (called by vLLM's loader
@@ -196,33 +198,16 @@ class QuambaMixer(CheckpointTensorsMixin, MambaMixer):
     # ----- forward ---------------------------------------------------------------------------
     def forward_impl(self, hidden_states: torch.Tensor, output: torch.Tensor) -> None:
         """Called by vLLM's ``mamba_mixer`` custom op (``MambaMixer.forward``)."""
-        attn_metadata = get_forward_context().attn_metadata
-        if isinstance(attn_metadata, dict):
-            attn_metadata = attn_metadata.get(self.prefix)
-        if attn_metadata is None:
-            # Profile/warm-up run: there is no state cache yet.
-            output.zero_()
+        batch = self.batch_state_caches(output)
+        if batch is None:
             return
+        attn_metadata, conv_cache, ssm_cache, num_tokens = batch
         p = self.ssm_params
-        if p is None:
-            raise RuntimeError(f"{self.prefix}: quamba SSM parameters were never loaded")
-
-        conv_cache = self.kv_cache[0]
-        if is_conv_state_dim_first():
-            # DS layout stores (dim, K-1) per slot; the references use (K-1, dim).
-            conv_cache = conv_cache.transpose(-1, -2)
-        ssm_cache = self.kv_cache[1]
-
         num_decodes = attn_metadata.num_decodes
         num_decode_tokens = attn_metadata.num_decode_tokens
         num_prefills = attn_metadata.num_prefills
-        num_tokens = num_decode_tokens + attn_metadata.num_prefill_tokens
-        if num_tokens < output.shape[0]:
-            output[num_tokens:].zero_()  # padding rows
         if num_tokens == 0:
             return
-        if num_decodes > 0 and num_decode_tokens != num_decodes:
-            raise NotImplementedError("quamba decode handles one token per sequence")
 
         xz = self.in_proj(hidden_states[:num_tokens])[0]
 

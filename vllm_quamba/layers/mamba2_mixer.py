@@ -24,9 +24,7 @@ from __future__ import annotations
 import torch
 from vllm.config import CacheConfig, ModelConfig
 from vllm.distributed import get_tensor_model_parallel_world_size
-from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.mamba.mamba_mixer2 import MambaMixer2
-from vllm.model_executor.layers.mamba.mamba_utils import is_conv_state_dim_first
 from vllm.model_executor.layers.quantization import QuantizationConfig
 from vllm.utils.torch_utils import _encode_layer_name
 
@@ -151,6 +149,10 @@ class QuambaMixer2(CheckpointTensorsMixin, MambaMixer2):
 
         self.ssm_params: Quamba2SSMParams | None = None
 
+    def format_tensors(self):
+        """Name -> (shape, dtype) of every checkpoint tensor of this mixer (format.py's table)."""
+        return mamba2_w8a8_mixer_tensors(self.shapes)
+
     # ----- loading ---------------------------------------------------------------------------
     def process_weights_after_loading(self, act_dtype: torch.dtype | None = None) -> None:
         """Validate the loaded SSM tensors and build ``self.ssm_params``.
@@ -204,33 +206,16 @@ class QuambaMixer2(CheckpointTensorsMixin, MambaMixer2):
 
     def conv_ssm_forward(self, projected_states: torch.Tensor, output: torch.Tensor) -> None:
         """in_proj output -> gated-norm output, written into ``output`` (int8 states updated)."""
-        attn_metadata = get_forward_context().attn_metadata
-        if isinstance(attn_metadata, dict):
-            attn_metadata = attn_metadata.get(self.prefix)
-        if attn_metadata is None:
-            # Profile/warm-up run: there is no state cache yet.
-            output.zero_()
+        batch = self.batch_state_caches(output)
+        if batch is None:
             return
+        attn_metadata, conv_cache, ssm_cache, _ = batch
         params = self.ssm_params
-        if params is None:
-            raise RuntimeError(f"{self.prefix}: quamba SSM parameters were never loaded")
-
-        conv_cache = self.kv_cache[0]
-        if is_conv_state_dim_first():
-            # DS layout stores (conv_dim, K-1) per slot; the references use (K-1, conv_dim).
-            conv_cache = conv_cache.transpose(-1, -2)
-        ssm_cache = self.kv_cache[1]
-
         num_decodes = attn_metadata.num_decodes
         num_decode_tokens = attn_metadata.num_decode_tokens
         num_prefills = attn_metadata.num_prefills
-        num_tokens = num_decode_tokens + attn_metadata.num_prefill_tokens
-        if num_tokens < output.shape[0]:
-            output[num_tokens:].zero_()  # padding rows
 
         if num_decodes > 0:
-            if num_decode_tokens != num_decodes:
-                raise NotImplementedError("quamba decode handles one token per sequence")
             slots = attn_metadata.state_indices_tensor_d[:, 0].long()
             y, conv_new, ssm_new = quamba2_ssm_decode_ref(
                 projected_states[:num_decode_tokens], params, conv_cache[slots], ssm_cache[slots]

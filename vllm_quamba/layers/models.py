@@ -34,8 +34,6 @@ from ..format import (
     QUANT_METHOD,
     QuambaFormatError,
     check_tensor,
-    mamba1_w8a8_mixer_tensors,
-    mamba2_w8a8_mixer_tensors,
 )
 from .checkpoint_tensors import QUAMBA_STATE_DTYPES
 from .mamba1_mixer import QuambaMixer
@@ -65,8 +63,17 @@ def _pluggable_layer_replaced(stock: type, replacement: type) -> Iterator[None]:
             op_registry_oot[key] = previous
 
 
-class QuambaMamba2ForCausalLM(Mamba2ForCausalLM):
-    """Mamba2ForCausalLM that serves quamba W8A8 checkpoints too."""
+class _QuambaModelMixin:
+    """What both model classes add for quamba checkpoints: quamba mixers built in place of the
+    stock ones, int8 states, and the checkpoint's mixer tensors checked at load.
+
+    vLLM's linear loaders would fail on a wrong in_proj/out_proj shape with an assertion that
+    names no tensor, and vLLM checks completeness only for unquantized models
+    (DefaultModelLoader.load_weights): a quamba tensor left at its initial value would give
+    silently wrong outputs.
+    """
+
+    quamba_mixers: list
 
     @classmethod
     def get_mamba_state_dtype_from_config(
@@ -76,68 +83,39 @@ class QuambaMamba2ForCausalLM(Mamba2ForCausalLM):
             return QUAMBA_STATE_DTYPES
         return super().get_mamba_state_dtype_from_config(vllm_config)
 
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
-        quamba = isinstance(vllm_config.quant_config, QuambaConfig)
-        if not quamba:
+    def _init_with_quamba_mixers(self, vllm_config: VllmConfig, prefix: str, stock: type, replacement: type):
+        with _pluggable_layer_replaced(stock, replacement):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
-            self.quamba_mixers: list[QuambaMixer2] = []
-            return
-        with _pluggable_layer_replaced(MambaMixer2, QuambaMixer2):
-            super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.quamba_mixers = [m for m in self.modules() if isinstance(m, QuambaMixer2)]
+        self.quamba_mixers = [m for m in self.modules() if isinstance(m, replacement)]
         num_layers = len(self.backbone.layers)
         if len(self.quamba_mixers) != num_layers:
             raise RuntimeError(
                 f"built {len(self.quamba_mixers)} quamba mixers for {num_layers} layers: another "
-                "plugin replaces MambaMixer2"
+                f"plugin replaces {stock.__name__}"
             )
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         if not self.quamba_mixers:
             return super().load_weights(weights)
-        loaded = super().load_weights(self._validated(weights))
-        self._check_complete(loaded)
+        specs = {
+            mixer.checkpoint_name(rel): spec
+            for mixer in self.quamba_mixers
+            for rel, spec in mixer.format_tensors().items()
+        }
+        loaded = super().load_weights(_checked_stream(weights, specs))
+        _check_complete(self, loaded, self.quamba_mixers)
         return loaded
 
-    # ----- quamba checks -------------------------------------------------------------------
-    def _validated(
-        self, weights: Iterable[tuple[str, torch.Tensor]]
-    ) -> Iterator[tuple[str, torch.Tensor]]:
-        """Check every known mixer tensor's shape/dtype under its checkpoint name, as it streams.
 
-        vLLM's linear loaders would fail on a wrong in_proj/out_proj shape with an assertion
-        that names no tensor; unknown names are left to vLLM's loader, which rejects them.
-        """
-        specs = {}
-        for mixer in self.quamba_mixers:
-            for rel, spec in mamba2_w8a8_mixer_tensors(mixer.shapes).items():
-                specs[mixer.checkpoint_name(rel)] = spec
-        for name, tensor in weights:
-            spec = specs.get(name)
-            if spec is not None:
-                check_tensor(name, tensor, *spec)
-            yield name, tensor
+class QuambaMamba2ForCausalLM(_QuambaModelMixin, Mamba2ForCausalLM):
+    """Mamba2ForCausalLM that serves quamba W8A8 checkpoints too."""
 
-    def _check_complete(self, loaded: set[str]) -> None:
-        """Every parameter must come from the checkpoint.
-
-        vLLM checks this only for unquantized models (DefaultModelLoader.load_weights), and a
-        quamba tensor left at its initial value would give silently wrong outputs.
-        """
-        to_checkpoint_name = {}
-        for mixer in self.quamba_mixers:
-            to_checkpoint_name.update(mixer.expected_vllm_names())
-        missing = sorted(
-            to_checkpoint_name.get(name, name)
-            for name, _ in self.named_parameters()
-            if name not in loaded
-        )
-        if missing:
-            shown = ", ".join(repr(n) for n in missing[:8])
-            more = f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""
-            raise QuambaFormatError(
-                f"quamba checkpoint is missing tensor(s) {shown}{more}"
-            )
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        if isinstance(vllm_config.quant_config, QuambaConfig):
+            self._init_with_quamba_mixers(vllm_config, prefix, MambaMixer2, QuambaMixer2)
+            return
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.quamba_mixers = []
 
 
 # ----- Mamba1 ---------------------------------------------------------------------------------------
@@ -145,7 +123,7 @@ def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:
     return (args[0].contiguous(), *args[1:])
 
 
-class QuambaMambaForCausalLM(MambaForCausalLM):
+class QuambaMambaForCausalLM(_QuambaModelMixin, MambaForCausalLM):
     """vLLM's ``MambaForCausalLM``, made to run on the CPU platform, and serving quamba
     W8A8 Mamba1 checkpoints.
 
@@ -163,43 +141,16 @@ class QuambaMambaForCausalLM(MambaForCausalLM):
     and the same streaming shape/dtype checks and completeness check at load.
     """
 
-    @classmethod
-    def get_mamba_state_dtype_from_config(
-        cls, vllm_config: VllmConfig
-    ) -> tuple[torch.dtype, torch.dtype]:
-        if is_quamba(vllm_config):
-            return QUAMBA_STATE_DTYPES
-        return super().get_mamba_state_dtype_from_config(vllm_config)
-
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
-        if not isinstance(vllm_config.quant_config, QuambaConfig):
-            super().__init__(vllm_config=vllm_config, prefix=prefix)
-            self.quamba_mixers: list[QuambaMixer] = []
-            if current_platform.is_cpu():
-                for module in self.modules():
-                    if isinstance(module, MambaMixer):
-                        module.out_proj.register_forward_pre_hook(_contiguous_input)
+        if isinstance(vllm_config.quant_config, QuambaConfig):
+            self._init_with_quamba_mixers(vllm_config, prefix, MambaMixer, QuambaMixer)
             return
-        with _pluggable_layer_replaced(MambaMixer, QuambaMixer):
-            super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.quamba_mixers = [m for m in self.modules() if isinstance(m, QuambaMixer)]
-        num_layers = len(self.backbone.layers)
-        if len(self.quamba_mixers) != num_layers:
-            raise RuntimeError(
-                f"built {len(self.quamba_mixers)} quamba mixers for {num_layers} layers: another "
-                "plugin replaces MambaMixer"
-            )
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        if not self.quamba_mixers:
-            return super().load_weights(weights)
-        specs = {}
-        for mixer in self.quamba_mixers:
-            for rel, spec in mamba1_w8a8_mixer_tensors(mixer.shapes).items():
-                specs[mixer.checkpoint_name(rel)] = spec
-        loaded = super().load_weights(_checked_stream(weights, specs))
-        _check_complete(self, loaded, self.quamba_mixers)
-        return loaded
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.quamba_mixers = []
+        if current_platform.is_cpu():
+            for module in self.modules():
+                if isinstance(module, MambaMixer):
+                    module.out_proj.register_forward_pre_hook(_contiguous_input)
 
 
 def _checked_stream(
