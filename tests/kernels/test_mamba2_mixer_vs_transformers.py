@@ -12,12 +12,12 @@ transformers conventions matched here:
   is never read again), and `recurrent_states[0]` as [batch, heads, head_dim, state_size].
 """
 
-import inspect
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.kernels.transformers_oracle import MixerRecorder, use_torch_paths
 from vllm_quamba.kernels.causal_conv1d import causal_conv1d_ref, causal_conv1d_update_ref
 from vllm_quamba.kernels.gated_rmsnorm import gated_rmsnorm_ref
 from vllm_quamba.kernels.selective_state_update import mamba2_state_update_ref
@@ -40,10 +40,7 @@ _TORCH_PATHS = ("causal_conv1d_fn", "causal_conv1d_update", "mamba2_selective_st
 
 @pytest.fixture(autouse=True)
 def _transformers_torch_paths(monkeypatch):
-    # With mamba_ssm / causal_conv1d installed, transformers would hand these CPU tensors to CUDA
-    # kernels; the undecorated torch functions are the readable reference we compare against.
-    for name in _TORCH_PATHS:
-        monkeypatch.setattr(modeling_mamba2, name, inspect.unwrap(getattr(modeling_mamba2, name)))
+    use_torch_paths(monkeypatch, modeling_mamba2, _TORCH_PATHS)
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=lambda g: f"n_groups={g}")
@@ -148,27 +145,13 @@ def test_mixer_batch_of_mixed_lengths_left_padded(model):
         torch.testing.assert_close(out, expected[row, width - length :], **MIXER_TOL)
 
 
-class _MixerRecorder:
-    """Forward hook keeping the mixer's input hidden states and output of the latest call."""
-
-    def __init__(self, mixer):
-        self.inputs = self.output = None
-        self._handle = mixer.register_forward_hook(self._record)
-
-    def _record(self, module, args, output):
-        self.inputs, self.output = args[0].detach().clone(), output.detach().clone()
-
-    def remove(self):
-        self._handle.remove()
-
-
 @pytest.mark.parametrize("prompt_len", [1, 2, 5, 33, 70])
 def test_cached_states_and_decode_step(model, prompt_len):
     mixer = _mixer(model)
     g = torch.Generator().manual_seed(100 + prompt_len)
     prompt = torch.randint(0, VOCAB, (1, prompt_len), generator=g)
     next_token = torch.randint(0, VOCAB, (1, 1), generator=g)
-    recorder = _MixerRecorder(mixer)
+    recorder = MixerRecorder(mixer)
     try:
         with torch.no_grad():
             cache = model(prompt, use_cache=True).cache_params

@@ -13,13 +13,13 @@ transformers (5.19) conventions matched here:
   `recurrent_states[0]` as [batch, intermediate, state_size].
 """
 
-import inspect
 
 import numba
 import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.kernels.transformers_oracle import MixerRecorder, use_torch_paths
 from vllm_quamba.kernels.causal_conv1d import causal_conv1d_ref, causal_conv1d_update_ref
 from vllm_quamba.kernels.selective_scan import (
     mamba1_state_update_ref,
@@ -48,10 +48,7 @@ _TORCH_PATHS = ("causal_conv1d_fn", "causal_conv1d_update", "mamba_selective_sca
 
 @pytest.fixture(autouse=True)
 def _transformers_torch_paths(monkeypatch):
-    # With mamba_ssm / causal_conv1d installed transformers would pick their CUDA kernels; the
-    # undecorated torch functions are the readable reference we compare against.
-    for name in _TORCH_PATHS:
-        monkeypatch.setattr(modeling_mamba, name, inspect.unwrap(getattr(modeling_mamba, name)))
+    use_torch_paths(monkeypatch, modeling_mamba, _TORCH_PATHS)
 
 
 @pytest.fixture(scope="module")
@@ -115,24 +112,10 @@ def mixer_decode_ref(mixer, hidden, conv_state, ssm_state):
     return F.linear(y, mixer.out_proj.weight, mixer.out_proj.bias), conv_state, ssm_state
 
 
-class _MixerRecorder:
-    """Forward hook keeping the mixer's input hidden states and output of the latest call."""
-
-    def __init__(self, mixer):
-        self.inputs = self.output = None
-        self._handle = mixer.register_forward_hook(self._record)
-
-    def _record(self, module, args, output):
-        self.inputs, self.output = args[0].detach().clone(), output.detach().clone()
-
-    def remove(self):
-        self._handle.remove()
-
-
 @torch.no_grad()
 def _hf_prefill(model, prompt):
     """Run the model on prompt[1, T]: (mixer input[T, hidden], output[T, hidden], cache)."""
-    recorder = _MixerRecorder(_mixer(model))
+    recorder = MixerRecorder(_mixer(model))
     try:
         cache = model(prompt, use_cache=True).cache_params
     finally:
@@ -168,7 +151,7 @@ def test_cached_states_and_decode_step(model, prompt_len):
     torch.testing.assert_close(conv_state, hf_conv[0, :, 1:].T, **MIXER_TOL)
     torch.testing.assert_close(ssm_state, hf_ssm[0], **MIXER_TOL)
 
-    recorder = _MixerRecorder(mixer)
+    recorder = MixerRecorder(mixer)
     try:
         with torch.no_grad():
             model(next_token, cache_params=cache, use_cache=True)
