@@ -66,3 +66,22 @@ def quantized_tiny_mamba1(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("q1") / "tiny-mamba1-w8a8"
     return quantize(TINY_MAMBA1, out, calib_samples=32, calib_seqlen=256)
+
+
+def _quantize_tiny_mamba2(tmp_path_factory, recipe: str, **kwargs) -> Path:
+    from vllm_quamba.converters.quantize import quantize
+
+    name = f"tiny-{recipe}" + ("-rtn" if kwargs.get("gptq") is False else "")
+    return quantize(TINY_MAMBA2, tmp_path_factory.mktemp("q4") / name, recipe=recipe, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def quantized_tiny_w4a16(tmp_path_factory) -> Path:
+    """The trained tiny Mamba2, W4A16 (GPTQ) with the default calibration (64 x 512 tokens)."""
+    return _quantize_tiny_mamba2(tmp_path_factory, "w4a16")
+
+
+@pytest.fixture(scope="session")
+def quantized_tiny_w4a8(tmp_path_factory) -> Path:
+    """The trained tiny Mamba2, W4A8 (GPTQ, int8 SSM) with the default calibration."""
+    return _quantize_tiny_mamba2(tmp_path_factory, "w4a8")

@@ -23,15 +23,14 @@ import os
 from typing import Any
 
 import torch
-from compressed_tensors.quantization import QuantizationStrategy
+from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy
 from vllm.model_executor.layers.linear import LinearBase
 from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
 from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
     CompressedTensorsConfig,
-    CompressedTensorsLinearMethod,
 )
 from vllm.model_executor.layers.quantization.compressed_tensors.schemes import (
-    CompressedTensorsW8A8Int8,
+    CompressedTensorsScheme,
 )
 
 from .format import (
@@ -42,15 +41,17 @@ from .format import (
     Mamba2Shapes,
     QuambaFormatError,
     check_spec,
+    layer_precision,
     mamba1_w8a8_mixer_tensors,
-    mamba2_w8a8_mixer_tensors,
+    mamba2_mixer_tensors,
     mixer_prefix,
     quamba_section,
 )
+from .layers.linear_schemes import QuambaW4Linear, QuambaW8A8Int8
 
 # Recipes this runtime can serve. The format knows more (format.RECIPES); the others fail
 # clearly at engine start instead of loading weights they cannot run.
-SERVED_RECIPES = ("w8a8",)
+SERVED_RECIPES = ("w8a8", "w4a8", "w4a16")
 # Architectures this runtime serves (model classes in ``layers.models``).
 SERVED_ARCHITECTURES = ("Mamba2ForCausalLM", "MambaForCausalLM")
 # The mixer linears a w8a8 checkpoint quantizes, over both architectures.
@@ -162,40 +163,82 @@ class QuambaConfig(CompressedTensorsConfig):
     ) -> QuantizeMethodBase | None:
         method = super().get_quant_method(layer, prefix)
         if isinstance(layer, LinearBase) and _is_mixer_linear(prefix):
-            self._check_w8a8_linear(layer, prefix, method)
+            self._check_mixer_linear(layer, prefix)
         return method
 
-    def _check_w8a8_linear(
-        self, layer: torch.nn.Module, prefix: str, method: QuantizeMethodBase | None
-    ) -> None:
-        """The mixer linears of a w8a8 checkpoint must resolve to the static int8 scheme.
+    def layer_precision(self, prefix: str) -> str:
+        """The precision of the decoder layer that ``prefix`` (``backbone.layers.{i}....``) is in."""
+        return layer_precision(self.quamba, _layer_index(prefix))
 
-        Anything else would load int8 weights into the wrong parameters (or silently cast
-        them), so fail at engine start and name the layer.
-        """
-        if self.recipe != "w8a8":
-            return
+    def _get_scheme_from_parts(
+        self,
+        weight_quant: QuantizationArgs,
+        input_quant: QuantizationArgs | None,
+        output_quant: QuantizationArgs | None = None,
+        format: str | None = None,
+        layer_name: str | None = None,
+    ) -> CompressedTensorsScheme:
+        """Only the schemes a quamba checkpoint uses, each running the package's kernels."""
+        format = format or self.quant_format
+        static_int8 = _is_static_int8_tensor(input_quant)
+        if (
+            weight_quant.num_bits == 8
+            and weight_quant.strategy == QuantizationStrategy.CHANNEL
+            and weight_quant.symmetric
+            and static_int8
+        ):
+            return QuambaW8A8Int8(weight_quant.strategy, True, True)
+        if (
+            weight_quant.num_bits == 4
+            and weight_quant.strategy == QuantizationStrategy.GROUP
+            and weight_quant.symmetric
+            and format == "pack-quantized"
+            and (input_quant is None or static_int8)
+        ):
+            return QuambaW4Linear(weight_quant.group_size, static_int8_input=static_int8)
+        raise QuambaFormatError(
+            f"quantization_config.config_groups quantize {layer_name!r} as weights={weight_quant}, "
+            f"inputs={input_quant}, format={format!r}; quamba checkpoints use channel-wise int8 "
+            "weights with a static per-tensor int8 input (W8A8), or pack-quantized symmetric "
+            "4-bit group-wise weights, weight-only (W4A16) or with a static int8 input (W4A8)"
+        )
+
+    def _check_mixer_linear(self, layer: torch.nn.Module, prefix: str) -> None:
+        """Every mixer linear is quantized, at its layer's precision: anything else would load
+        quantized weights into the wrong parameters (or leave them fp), so fail at engine start
+        and name the layer."""
+        expected = self.layer_precision(prefix)
         scheme = getattr(layer, "scheme", None)
-        if not isinstance(method, CompressedTensorsLinearMethod) or not isinstance(
-            scheme, CompressedTensorsW8A8Int8
-        ):
+        found = _scheme_precision(scheme)
+        if found != expected:
             raise QuambaFormatError(
-                f"quantization_config.config_groups do not quantize {prefix!r} as W8A8 int8 "
-                f"(got {type(scheme).__name__ if scheme is not None else type(method).__name__}); "
-                "a quamba w8a8 checkpoint quantizes every mixer linear (Mamba2: in_proj/"
-                "out_proj; Mamba1: in_proj/x_proj/dt_proj/out_proj)"
+                f"quantization_config.config_groups give {prefix!r} precision {found!r}, but "
+                f"its layer is {expected!r} (quamba.recipe {self.recipe!r}): every mixer linear "
+                "of a quamba checkpoint is quantized at its layer's precision"
             )
-        if not (
-            scheme.is_static_input_scheme
-            and scheme.input_symmetric
-            and scheme.strategy == QuantizationStrategy.CHANNEL
-        ):
-            raise QuambaFormatError(
-                f"quantization_config.config_groups give {prefix!r} strategy={scheme.strategy}, "
-                f"static input={scheme.is_static_input_scheme}, symmetric input="
-                f"{scheme.input_symmetric}; a quamba w8a8 checkpoint uses channel-wise int8 "
-                "weights and a static symmetric per-tensor int8 input scale"
-            )
+
+
+def _layer_index(prefix: str) -> int:
+    parts = prefix.split(".")
+    return int(parts[parts.index("layers") + 1])
+
+
+def _is_static_int8_tensor(args: QuantizationArgs | None) -> bool:
+    return (
+        args is not None
+        and args.num_bits == 8
+        and not args.dynamic
+        and args.symmetric
+        and args.strategy == QuantizationStrategy.TENSOR
+    )
+
+
+def _scheme_precision(scheme: object) -> str | None:
+    if isinstance(scheme, QuambaW8A8Int8):
+        return "w8a8"
+    if isinstance(scheme, QuambaW4Linear):
+        return "w4a8" if scheme.static_int8_input else "w4a16"
+    return None
 
 
 def _is_mixer_linear(prefix: str) -> bool:
@@ -223,14 +266,16 @@ def check_checkpoint_headers(model_dir: str, hf_config: dict[str, Any]) -> None:
                 headers[name] = (tuple(piece.get_shape()), _SAFETENSORS_DTYPES.get(piece.get_dtype(), piece.get_dtype()))
     if not headers:
         return  # not a local safetensors checkpoint: the worker's checks still apply
-    if "MambaForCausalLM" in (hf_config.get("architectures") or []):
-        shapes: Mamba2Shapes | MambaShapes = MambaShapes.from_config(hf_config)
-        table = mamba1_w8a8_mixer_tensors(shapes)
-    else:
-        shapes = Mamba2Shapes.from_config(hf_config)
-        table = mamba2_w8a8_mixer_tensors(shapes)
+    section = quamba_section(hf_config["quantization_config"])
+    mamba1 = "MambaForCausalLM" in (hf_config.get("architectures") or [])
+    shapes = (MambaShapes if mamba1 else Mamba2Shapes).from_config(hf_config)
     for layer in range(shapes.num_layers):
         prefix = mixer_prefix(layer)
+        table = (
+            mamba1_w8a8_mixer_tensors(shapes)
+            if mamba1
+            else mamba2_mixer_tensors(shapes, layer_precision(section, layer))
+        )
         for rel, (shape, dtype) in table.items():
             name = prefix + rel
             if name not in headers:

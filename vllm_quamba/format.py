@@ -105,7 +105,12 @@ HEAD_GROUPS = 4
 DIM_GROUPS = 4
 
 WEIGHTS_FILE = "model.safetensors"
-# The two linears of a Mamba2 mixer that the W8A8 recipe quantizes.
+# Per-layer precisions: a recipe gives every layer one (w4ax: one per layer, from the
+# ``quamba.layer_precision`` list).
+PRECISIONS = ("w8a8", "w4a8", "w4a16")
+W4_PRECISIONS = ("w4a8", "w4a16")
+W4_GROUP_SIZE = 128
+# The two linears of a Mamba2 mixer that every recipe quantizes.
 MAMBA2_QUANTIZED_LINEARS = ("in_proj", "out_proj")
 # The four linears of a Mamba1 mixer that the W8A8 recipe quantizes.
 MAMBA1_QUANTIZED_LINEARS = ("in_proj", "x_proj", "dt_proj", "out_proj")
@@ -154,17 +159,80 @@ class Mamba2Shapes:
         return self.intermediate_size + self.conv_dim + self.num_heads
 
 
-def mamba2_w8a8_mixer_tensors(s: Mamba2Shapes) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Name -> (shape, dtype) of every tensor a W8A8 Mamba2 mixer must have (see the table)."""
+def linear_tensors(
+    rows: int, cols: int, precision: str
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Relative name -> (shape, dtype) of one quantized linear [rows, cols] at ``precision``.
+
+    W8A8: compressed-tensors ``int-quantized`` (int8 ``weight``, per-row ``weight_scale``,
+    static per-tensor ``input_scale``). W4A8/W4A16: ``pack-quantized`` (``weight_packed`` int32
+    holding 8 nibbles along the input dim, ``weight_scale`` per row and ``w4_group_size``
+    group, ``weight_shape``); W4A8 adds the static int8 ``input_scale``.
+    """
+    f32 = torch.float32
+    if precision == "w8a8":
+        return {
+            "weight": ((rows, cols), torch.int8),
+            "weight_scale": ((rows, 1), f32),
+            "input_scale": ((1,), f32),
+        }
+    if precision not in W4_PRECISIONS:
+        raise QuambaFormatError(f"unknown layer precision {precision!r}; expected one of {PRECISIONS}")
+    table = {
+        "weight_packed": ((rows, -(-cols // 8)), torch.int32),
+        "weight_scale": ((rows, cols // w4_group_size(cols)), f32),
+        "weight_shape": ((2,), torch.int64),
+    }
+    if precision == "w4a8":
+        table["input_scale"] = ((1,), f32)
+    return table
+
+
+def w4_group_size(cols: int) -> int:
+    """The 4-bit group size along a linear's input dim: 128, or the whole row when shorter."""
+    group = min(W4_GROUP_SIZE, cols)
+    if cols % group:
+        raise QuambaFormatError(
+            f"a 4-bit linear with {cols} input features cannot use groups of {group}"
+        )
+    return group
+
+
+def mamba2_mixer_tensors(
+    s: Mamba2Shapes, precision: str = "w8a8"
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of every tensor of one Mamba2 mixer at ``precision``.
+
+    W8A8 and W4A8 share the int8 SSM tensors of the table above and differ in their two
+    linears. W4A16 keeps the fp SSM tensors of the source (already rotated, not permuted).
+    """
+    f32 = torch.float32
+    linears = {
+        f"{name}.{rel}": spec
+        for name, (rows, cols) in (
+            ("in_proj", (s.in_proj_dim, s.hidden_size)),
+            ("out_proj", (s.hidden_size, s.intermediate_size)),
+        )
+        for rel, spec in linear_tensors(rows, cols, precision).items()
+    }
+    if precision == "w4a16":
+        H = s.num_heads
+        return {
+            **linears,
+            "conv1d.weight": ((s.conv_dim, 1, s.conv_kernel), f32),
+            "conv1d.bias": ((s.conv_dim,), f32),
+            "A_log": ((H,), f32),
+            "D": ((H,), f32),
+            "dt_bias": ((H,), f32),
+            "norm.weight": ((s.intermediate_size,), f32),
+        }
+    return {**linears, **_mamba2_int8_ssm_tensors(s)}
+
+
+def _mamba2_int8_ssm_tensors(s: Mamba2Shapes) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     f32, i8, i32 = torch.float32, torch.int8, torch.int32
     G, N, H = s.n_groups, s.state_size, s.num_heads
     return {
-        "in_proj.weight": ((s.in_proj_dim, s.hidden_size), i8),
-        "in_proj.weight_scale": ((s.in_proj_dim, 1), f32),
-        "in_proj.input_scale": ((1,), f32),
-        "out_proj.weight": ((s.hidden_size, s.intermediate_size), i8),
-        "out_proj.weight_scale": ((s.hidden_size, 1), f32),
-        "out_proj.input_scale": ((1,), f32),
         "z_scale": ((1,), f32),
         "dt_scale": ((1,), f32),
         "conv1d.input_scale": ((3,), f32),
@@ -294,12 +362,31 @@ def quamba_section(quantization_config: dict[str, Any]) -> dict[str, Any]:
         raise QuambaFormatError(
             f"quantization_config.quamba.recipe is {section['recipe']!r}, expected one of {RECIPES}"
         )
+    if section["recipe"] == "w4ax":
+        chosen = section.get("layer_precision")
+        if not isinstance(chosen, list) or not chosen or any(p not in W4_PRECISIONS for p in chosen):
+            raise QuambaFormatError(
+                "quantization_config.quamba.layer_precision must list one of "
+                f"{W4_PRECISIONS} per layer for recipe 'w4ax', got {chosen!r}"
+            )
     if section["method_version"] != METHOD_VERSION:
         raise QuambaFormatError(
             f"quantization_config.quamba.method_version is {section['method_version']!r}; "
             f"this vllm-quamba reads version {METHOD_VERSION}"
         )
     return section
+
+
+def layer_precision(section: dict[str, Any], layer: int) -> str:
+    """The precision of decoder layer ``layer`` under a validated ``quamba`` section."""
+    if section["recipe"] != "w4ax":
+        return section["recipe"]
+    chosen = section["layer_precision"]
+    if not 0 <= layer < len(chosen):
+        raise QuambaFormatError(
+            f"quantization_config.quamba.layer_precision has {len(chosen)} entries; layer {layer} has none"
+        )
+    return chosen[layer]
 
 
 def _per_segment(scales: torch.Tensor, s: Mamba2Shapes) -> torch.Tensor:

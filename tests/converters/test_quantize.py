@@ -13,7 +13,7 @@ from vllm_quamba.converters.source import SourceModelError
 from vllm_quamba.format import (
     Mamba2Shapes,
     check_tensor,
-    mamba2_w8a8_mixer_tensors,
+    mamba2_mixer_tensors,
     mixer_prefix,
     quamba_section,
 )
@@ -34,10 +34,10 @@ def test_checkpoint_follows_the_format(quantized):
     shapes = Mamba2Shapes.from_config(config)
     tensors = load_file(quantized / "model.safetensors")
     for layer in range(shapes.num_layers):
-        for name, (shape, dtype) in mamba2_w8a8_mixer_tensors(shapes).items():
+        for name, (shape, dtype) in mamba2_mixer_tensors(shapes).items():
             check_tensor(name, tensors[mixer_prefix(layer) + name], shape, dtype)
     mixer_names = {n for n in tensors if ".mixer." in n}
-    assert len(mixer_names) == shapes.num_layers * len(mamba2_w8a8_mixer_tensors(shapes))
+    assert len(mixer_names) == shapes.num_layers * len(mamba2_mixer_tensors(shapes))
     assert (quantized / "tokenizer.json").is_file()
 
 

@@ -27,7 +27,7 @@ def test_from_config_parses_linears_and_quamba_section(quant_cfg):
     assert cfg.get_name() == "quamba"
     assert cfg.recipe == "w8a8"
     assert cfg.quamba["architecture"] == "mamba2"
-    assert set(cfg.target_scheme_map) == {r"re:.*mixer\.(in|out)_proj$"}
+    assert set(cfg.target_scheme_map) == {r"re:.*mixer\.in_proj$", r"re:.*mixer\.out_proj$"}
     assert cfg.ignore == ["lm_head"]
     assert {torch.float32, torch.bfloat16, torch.float16} <= set(cfg.get_supported_act_dtypes())
     assert QuambaConfig.get_min_capability() == -1
@@ -46,7 +46,7 @@ def test_config_survives_pickling(quant_cfg):
         (lambda c: c["quamba"].pop("recipe"), "quantization_config.quamba.recipe"),
         (lambda c: c["quamba"].update(method_version=99), "quantization_config.quamba.method_version"),
         (lambda c: c["quamba"].update(recipe="w2a2"), "quantization_config.quamba.recipe"),
-        (lambda c: c["quamba"].update(recipe="w4a8"), "quantization_config.quamba.recipe"),
+        (lambda c: c["quamba"].update(recipe="w4ax"), "quantization_config.quamba.layer_precision"),
         (lambda c: c.update(quant_method="gptq"), "quantization_config.quant_method"),
     ],
 )
@@ -73,9 +73,14 @@ def test_no_arg_construction_explains_missing_quantization_config():
         QuambaConfig()
 
 
-def test_preflight_accepts_a_converter_checkpoint(quamba_ckpt):
-    cfg = json.loads((quamba_ckpt / "config.json").read_text())
-    check_checkpoint_headers(str(quamba_ckpt), cfg)
+@pytest.mark.parametrize(
+    "checkpoint", ["quamba_ckpt", "quantized_tiny_mamba1", "quantized_tiny_w4a8", "quantized_tiny_w4a16"]
+)
+def test_preflight_accepts_every_converter_checkpoint(checkpoint, request):
+    directory = request.getfixturevalue(checkpoint)
+    cfg = json.loads((directory / "config.json").read_text())
+    check_checkpoint_headers(str(directory), cfg)
+    assert QuambaConfig.from_config(copy.deepcopy(cfg["quantization_config"])).recipe == cfg["quantization_config"]["quamba"]["recipe"]
 
 
 def _drop(name):

@@ -22,7 +22,7 @@ from vllm.model_executor.layers.quantization.compressed_tensors.schemes import (
 import vllm_quamba.layers.mamba2_mixer as mixer_mod  # noqa: E402
 import vllm_quamba.layers.checkpoint_tensors as batch_mod  # noqa: E402  (where the mixers read the forward context)
 from vllm_quamba.config import QuambaConfig  # noqa: E402
-from vllm_quamba.format import QuambaFormatError, mamba2_w8a8_mixer_tensors, mixer_prefix  # noqa: E402
+from vllm_quamba.format import QuambaFormatError, mamba2_mixer_tensors, mixer_prefix  # noqa: E402
 from vllm_quamba.kernels.quamba2_ssm import quamba2_ssm_decode_ref, quamba2_ssm_prefill_ref  # noqa: E402
 from vllm_quamba.layers.checkpoint_tensors import vllm_relative_name  # noqa: E402
 from vllm_quamba.layers.mamba2_mixer import QuambaMixer2  # noqa: E402
@@ -89,7 +89,7 @@ def test_parameters_follow_the_format_table(checkpoint):
     cfg, _ = checkpoint
     mixer = build_mixer(cfg["quantization_config"])
     params = {name: (tuple(p.shape), p.dtype) for name, p in mixer.named_parameters()}
-    expected = {vllm_relative_name(rel): spec for rel, spec in mamba2_w8a8_mixer_tensors(mixer.shapes).items()}
+    expected = {vllm_relative_name(rel): spec for rel, spec in mamba2_mixer_tensors(mixer.shapes).items()}
     assert params == expected
     # in_proj/out_proj are compressed-tensors' static W8A8 int8 scheme, channel-wise weights
     for linear in (mixer.in_proj, mixer.out_proj):

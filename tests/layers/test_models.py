@@ -20,14 +20,17 @@ from vllm_quamba.layers.mamba2_mixer import QuambaMixer2  # noqa: E402
 from vllm_quamba.layers.models import (  # noqa: E402
     QuambaMamba2ForCausalLM,
     _pluggable_layer_replaced,
-    is_quamba,
+    quamba_recipe,
 )
 
 
-def _vllm_config(quant_config=None, quantization=None):
+def _vllm_config(quant_config=None, quantization=None, hf_quant=None):
     return types.SimpleNamespace(
         quant_config=quant_config,
-        model_config=types.SimpleNamespace(quantization=quantization, dtype=torch.float32),
+        model_config=types.SimpleNamespace(
+            quantization=quantization, dtype=torch.float32,
+            hf_config=types.SimpleNamespace(quantization_config=hf_quant),
+        ),
         cache_config=types.SimpleNamespace(mamba_cache_dtype="auto", mamba_ssm_cache_dtype="float32"),
     )
 
@@ -35,14 +38,20 @@ def _vllm_config(quant_config=None, quantization=None):
 def test_state_dtypes_int8_for_quamba_and_stock_otherwise(quamba_ckpt):
     quant_cfg = json.loads((quamba_ckpt / "config.json").read_text())["quantization_config"]
     quamba = _vllm_config(QuambaConfig.from_config(copy.deepcopy(quant_cfg)), "quamba")
-    assert is_quamba(quamba)
+    assert quamba_recipe(quamba) == "w8a8"
     assert QuambaMamba2ForCausalLM.get_mamba_state_dtype_from_config(quamba) == (torch.int8, torch.int8)
-    # before the quant config object exists, the method name alone decides
-    assert QuambaMamba2ForCausalLM.get_mamba_state_dtype_from_config(_vllm_config(None, "quamba")) == (
+    # before the quant config object exists, the checkpoint's quamba section decides
+    assert QuambaMamba2ForCausalLM.get_mamba_state_dtype_from_config(_vllm_config(None, "quamba", quant_cfg)) == (
         torch.int8, torch.int8,
     )
     stock = _vllm_config()
-    assert not is_quamba(stock)
+    assert quamba_recipe(stock) is None
+    # W4A16 keeps the fp SSM, so its states are the stock ones
+    w4a16_cfg = copy.deepcopy(quant_cfg)
+    w4a16_cfg["quamba"]["recipe"] = "w4a16"
+    assert QuambaMamba2ForCausalLM.get_mamba_state_dtype_from_config(
+        _vllm_config(None, "quamba", w4a16_cfg)
+    ) == Mamba2ForCausalLM.get_mamba_state_dtype_from_config(stock)
     assert QuambaMamba2ForCausalLM.get_mamba_state_dtype_from_config(
         stock
     ) == Mamba2ForCausalLM.get_mamba_state_dtype_from_config(stock)

@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     q.add_argument("model", help="source checkpoint: local directory or hub id")
-    q.add_argument("--recipe", required=True, choices=RECIPES, help="quantization recipe (implemented: w8a8 for Mamba1 and Mamba2)")
+    q.add_argument("--recipe", required=True, choices=RECIPES, help="quantization recipe (implemented: w8a8 for Mamba1 and Mamba2; w4a8 and w4a16 for Mamba2)")
     q.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     q.add_argument(
         "--calib",
@@ -44,9 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     q.add_argument("--seed", type=int, default=0, help="random seed (the output is deterministic per seed)")
     naive = q.add_argument_group(
-        "naive baselines (Mamba1 only)",
-        "Switch off parts of the Quamba recipe to get the naive baselines of the Quamba papers "
-        "(per-tensor absmax W8A8 without Hadamard rotations or percentile clipping).",
+        "naive baselines",
+        "Switch off parts of the Quamba recipe to get the naive baselines of the Quamba papers: "
+        "per-tensor absmax W8A8 without Hadamard rotations or percentile clipping (Mamba1), "
+        "round-to-nearest 4-bit weights (4-bit recipes).",
     )
     naive.add_argument(
         "--no-hadamard", action="store_true",
@@ -60,6 +61,10 @@ def _parser() -> argparse.ArgumentParser:
         "--percentile-alpha", type=float, default=None, metavar="A",
         help=f"percentile of |activation| that sets the SSM input and state scales, 0.5 < A <= 1 "
         f"(default {DEFAULT_PERCENTILE_ALPHA}; 1 = absmax per sample)",
+    )
+    naive.add_argument(
+        "--rtn", action="store_true",
+        help="naive 4-bit baseline (4-bit recipes): round weights to nearest instead of GPTQ",
     )
     return parser
 
@@ -80,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             args.model, args.out, recipe=args.recipe, calib=args.calib,
             calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
             tokenizer=args.tokenizer, overwrite=args.overwrite, seed=args.seed,
-            hadamard=not args.no_hadamard, percentile_alpha=alpha,
+            hadamard=not args.no_hadamard, percentile_alpha=alpha, gptq=not args.rtn,
         )
     except ValueError as exc:  # every input error of the converter is a ValueError subclass
         print(f"vllm-quamba: error: {exc}", file=sys.stderr)

@@ -29,19 +29,24 @@ from ..format import (
     QUANT_METHOD,
     RECIPES,
     SUPPORTED_ARCHITECTURES,
+    MAMBA2_QUANTIZED_LINEARS,
+    W4_PRECISIONS,
     WEIGHTS_FILE,
     Mamba2Shapes,
+    mamba2_mixer_tensors,
     mixer_prefix,
+    w4_group_size,
 )
 from ..kernels.hadamard import is_supported_hadamard_size
 from ..kernels.quant import quantize_int8, quantize_per_channel_int8, quantize_per_tensor_int8, symmetric_scale
-from . import transforms
+from . import recipe_w4, transforms
 from .calibration import DEFAULT_CALIBRATION, ActivationStats, calibration_samples
 from .reorder import Reordering, group_absmax, sort_and_cluster
 from .simulate import Mamba2Reference
 from .source import TOKENIZER_FILES, SourceModel, check_source, load_source
 
-IMPLEMENTED = {("mamba2", "w8a8"), ("mamba", "w8a8")}
+W4_RECIPES = ("w4a8", "w4a16", "w4ax")
+IMPLEMENTED = {("mamba2", "w8a8"), ("mamba2", "w4a8"), ("mamba2", "w4a16"), ("mamba", "w8a8")}
 # Quamba's percentile for the SSM input and state (quamba.md section 1, "at HEAD").
 DEFAULT_PERCENTILE_ALPHA = 0.9995
 
@@ -158,36 +163,84 @@ def _quantize_mixer(tensors, layer, shapes, stats: ActivationStats, reordering: 
     return {prefix + name: value.contiguous() for name, value in out.items()}
 
 
-def _int8_linears_config(targets: str) -> dict[str, Any]:
-    """compressed-tensors' own models for W8A8 linears (static per-tensor inputs), quamba method."""
-    int8 = dict(num_bits=8, type="int", symmetric=True, dynamic=False)
-    scheme = QuantizationScheme(
-        targets=[targets],
-        weights=QuantizationArgs(strategy="channel", **int8),
-        input_activations=QuantizationArgs(strategy="tensor", **int8),
+def _int8_args() -> dict[str, Any]:
+    return dict(num_bits=8, type="int", symmetric=True, dynamic=False)
+
+
+def _linear_scheme(targets: list[str], precision: str, group_size: int | None) -> QuantizationScheme:
+    """compressed-tensors' own scheme model of one set of linears at ``precision``."""
+    int8 = _int8_args()
+    static_int8_input = QuantizationArgs(strategy="tensor", **int8)
+    if precision == "w8a8":
+        return QuantizationScheme(
+            targets=targets,
+            weights=QuantizationArgs(strategy="channel", **int8),
+            input_activations=static_int8_input,
+            format="int-quantized",
+        )
+    return QuantizationScheme(
+        targets=targets,
+        weights=QuantizationArgs(
+            num_bits=4, type="int", symmetric=True, dynamic=False, strategy="group", group_size=group_size
+        ),
+        input_activations=static_int8_input if precision == "w4a8" else None,
+        format="pack-quantized",
     )
+
+
+def linears_config(linears: dict[str, tuple[str, int]]) -> dict[str, Any]:
+    """The compressed-tensors part of ``quantization_config``, quamba method.
+
+    ``linears`` maps a target (a ``re:`` layer-name pattern) to (precision, input features);
+    targets with the same scheme share a config group.
+    """
+    grouped: dict[tuple[str, int | None], list[str]] = {}
+    for target, (precision, in_features) in linears.items():
+        group_size = None if precision == "w8a8" else w4_group_size(in_features)
+        grouped.setdefault((precision, group_size), []).append(target)
+    groups = {
+        f"group_{i}": _linear_scheme(targets, precision, group_size)
+        for i, ((precision, group_size), targets) in enumerate(sorted(grouped.items(), key=str))
+    }
+    formats = {scheme.format for scheme in groups.values()}
     config = QuantizationConfig(
-        config_groups={"group_0": scheme}, format="int-quantized", ignore=["lm_head"]
+        config_groups=groups,
+        format=formats.pop() if len(formats) == 1 else "mixed-precision",
+        ignore=["lm_head"],
     ).model_dump(mode="json", exclude_none=True)
     config.pop("quantization_status", None)
     config["quant_method"] = QUANT_METHOD
     return config
 
 
-def quantization_config(recipe: str, shapes: Mamba2Shapes, calib: dict[str, Any]) -> dict[str, Any]:
+def _mixer_targets(shapes: Mamba2Shapes, precisions: list[str]) -> dict[str, tuple[str, int]]:
+    """One target per (precision, linear): every layer's, or the listed layers' (W4AX)."""
+    targets = {}
+    for precision in sorted(set(precisions)):
+        layers = [str(i) for i, p in enumerate(precisions) if p == precision]
+        where = r".*" if len(layers) == len(precisions) else rf"backbone\.layers\.({'|'.join(layers)})\."
+        targets[rf"re:{where}mixer\.in_proj$"] = (precision, shapes.hidden_size)
+        targets[rf"re:{where}mixer\.out_proj$"] = (precision, shapes.intermediate_size)
+    return targets
+
+
+def quantization_config(
+    recipe: str, shapes: Mamba2Shapes, calib: dict[str, Any], precisions: list[str]
+) -> dict[str, Any]:
     """compressed-tensors' own models for the linears, plus the ``quamba`` section."""
-    config = _int8_linears_config(r"re:.*mixer\.(in|out)_proj$")
+    config = linears_config(_mixer_targets(shapes, precisions))
+    int8_ssm = any(p != "w4a16" for p in precisions)
     config["quamba"] = {
         "recipe": recipe,
         "method_version": METHOD_VERSION,
         "architecture": "mamba2",
         "hadamard": {"residual": shapes.hidden_size, "out_proj_input": shapes.intermediate_size},
-        "x_head_groups": HEAD_GROUPS,
-        "x_dim_groups": DIM_GROUPS,
-        "layer_precision": None,
-        "ssm_state_dtype": "int8",
-        "conv_state_dtype": "int8",
-        "weight_scales": "per-channel",
+        "x_head_groups": HEAD_GROUPS if int8_ssm else None,
+        "x_dim_groups": DIM_GROUPS if int8_ssm else None,
+        "layer_precision": precisions if recipe == "w4ax" else None,
+        "ssm_state_dtype": "int8" if int8_ssm else None,
+        "conv_state_dtype": "int8" if int8_ssm else None,
+        "weight_scales": "per-channel" if recipe == "w8a8" else "per-group",
         "calibration": calib,
     }
     return config
@@ -222,15 +275,21 @@ def quantize(
     seed: int = 0,
     hadamard: bool = True,
     percentile_alpha: float | None = DEFAULT_PERCENTILE_ALPHA,
+    hessian_budget_bytes: int = recipe_w4.DEFAULT_HESSIAN_BUDGET_BYTES,
+    gptq: bool = True,
 ) -> Path:
     """Quantize ``model`` (local dir or hub id) with ``recipe``; returns the output directory.
 
     ``hadamard=False`` (no residual rotation, no online out_proj Hadamard) and
     ``percentile_alpha=None`` (absmax instead of percentile clipping of the SSM input and state)
-    are the naive baselines of the Quamba papers; Mamba1 only.
+    are the naive baselines of the Quamba papers; Mamba1 only. ``hessian_budget_bytes`` bounds
+    the memory of GPTQ's Hessians (4-bit recipes): as many layers per calibration pass as fit;
+    ``gptq=False`` rounds the 4-bit weights to nearest instead (the naive 4-bit baseline).
     """
     out_dir = Path(out_dir)
     kind = check_request(model, recipe, out_dir, overwrite, hadamard, percentile_alpha)
+    if not gptq and recipe not in W4_RECIPES:
+        raise QuantizeError(f"--rtn applies to the 4-bit recipes {W4_RECIPES}, not {recipe!r}")
     torch.manual_seed(seed)
     source = load_source(model, tokenizer)
     if kind == "mamba":
@@ -238,25 +297,71 @@ def quantize(
             source, out_dir, recipe, calib, calib_samples, calib_seqlen, overwrite, seed, hadamard, percentile_alpha
         )
     shapes = _check_shapes(source)
+    precisions = [recipe] * shapes.num_layers
     samples = _samples(source, calib, calib_samples, calib_seqlen)
     tensors = transforms.rotate_residual(transforms.fold_norms(source.tensors))
-    tensors, reorderings = _reorder_all(tensors, shapes, source.config, samples)
+    int8_layers = [i for i, p in enumerate(precisions) if p != "w4a16"]
+    if int8_layers:  # sort-and-cluster and the SSM scales serve the int8 SSM path only
+        tensors, reorderings = _reorder_all(tensors, shapes, source.config, samples)
     tensors = transforms.fuse_out_proj_hadamard(tensors)
-    stats = _observe(
-        Mamba2Reference(source.config, tensors, online_hadamard=True), samples, "calibration 2/2 (scales)"
-    )
+    if int8_layers:
+        stats = _observe(
+            Mamba2Reference(source.config, tensors, online_hadamard=True), samples, "calibration 2/2 (scales)"
+        )
+    w4 = _w4_mixer_linears(source.config, tensors, precisions, samples, hessian_budget_bytes, gptq)
     quantized = {name: t.contiguous() for name, t in tensors.items() if ".mixer." not in name}
-    for layer in range(shapes.num_layers):
-        quantized.update(_quantize_mixer(tensors, layer, shapes, stats, reorderings[layer]))
+    for layer, precision in enumerate(precisions):
+        if precision == "w4a16":
+            quantized.update(_fp_mixer(tensors, layer, shapes))
+        else:
+            quantized.update(_quantize_mixer(tensors, layer, shapes, stats, reorderings[layer]))
+        for linear in MAMBA2_QUANTIZED_LINEARS if precision in W4_PRECISIONS else ():
+            _replace_linear(quantized, mixer_prefix(layer) + linear + ".", w4[(layer, linear)])
     calib_info = {"source": str(calib), "samples": len(samples), "seqlen": calib_seqlen, "seed": seed}
     config = {
         **{k: v for k, v in source.config.items() if k != "torch_dtype"},
         "tie_word_embeddings": False,
         "dtype": "float32",
-        "quantization_config": quantization_config(recipe, shapes, calib_info),
+        "quantization_config": quantization_config(recipe, shapes, calib_info, precisions),
     }
     _write_checkpoint(out_dir, config, quantized, source.tokenizer_dir, overwrite)
     return out_dir
+
+
+def _w4_mixer_linears(config, tensors, precisions, samples, hessian_budget_bytes, gptq: bool):
+    """in_proj/out_proj of every 4-bit layer: GPTQ, Hessians from the fp (rotated, permuted,
+    Hadamard-fused) model with the online out_proj Hadamard; or round-to-nearest."""
+    weights = {
+        (layer, linear): tensors[mixer_prefix(layer) + linear + ".weight"]
+        for layer, precision in enumerate(precisions)
+        if precision in W4_PRECISIONS
+        for linear in MAMBA2_QUANTIZED_LINEARS
+    }
+    if not gptq:
+        return {key: recipe_w4.rtn_w4(weight) for key, weight in weights.items()}
+    if not weights:
+        return {}
+    return recipe_w4.gptq_linears(
+        weights,
+        {"in_proj_input": "in_proj", "out_proj_input": "out_proj"},
+        lambda observer: Mamba2Reference(config, tensors, online_hadamard=True, observer=observer),
+        samples,
+        hessian_budget_bytes,
+    )
+
+
+def _replace_linear(quantized: dict, prefix: str, packed: dict[str, torch.Tensor]) -> None:
+    """Swap a linear's int8 or fp weight for its pack-quantized tensors (keeping input_scale)."""
+    for name in ("weight", "weight_scale"):
+        quantized.pop(prefix + name, None)
+    quantized.update({prefix + name: t for name, t in packed.items()})
+
+
+def _fp_mixer(tensors, layer: int, shapes: Mamba2Shapes) -> dict[str, torch.Tensor]:
+    """A W4A16 layer's fp SSM tensors (format.mamba2_mixer_tensors(..., "w4a16"))."""
+    prefix = mixer_prefix(layer)
+    names = [n for n in mamba2_mixer_tensors(shapes, "w4a16") if n.split(".")[0] not in MAMBA2_QUANTIZED_LINEARS]
+    return {prefix + n: tensors[prefix + n].float().contiguous() for n in names}
 
 
 def _samples(source: SourceModel, calib: str, calib_samples: int, calib_seqlen: int) -> list[torch.Tensor]:
@@ -276,7 +381,7 @@ def _quantize_mamba1(
         source.config, source.tensors, shapes, samples, hadamard, percentile_alpha
     )
     calib_info = {"source": str(calib), "samples": len(samples), "seqlen": calib_seqlen, "seed": seed}
-    quant_config = _int8_linears_config(recipe_mamba1.TARGETS)
+    quant_config = linears_config({recipe_mamba1.TARGETS: ("w8a8", shapes.hidden_size)})
     quant_config["quamba"] = {
         **recipe_mamba1.quamba_section(recipe, shapes, hadamard, percentile_alpha),
         "method_version": METHOD_VERSION,

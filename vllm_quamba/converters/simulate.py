@@ -30,6 +30,7 @@ from ..kernels.quamba_ssm import (
     quamba_scan_prefill_ref,
 )
 from ..kernels.quant import dequantize_int8, quantize_int8
+from ..kernels.w4_linear import w4a8_linear_ref, w4a16_linear_ref
 from ..kernels.selective_scan import selective_scan_ref
 from ..kernels.ssd_chunk_scan import ssd_chunk_scan_ref
 
@@ -37,7 +38,9 @@ from ..kernels.ssd_chunk_scan import ssd_chunk_scan_ref
 # "dt" (in_proj outputs), "x", "B", "C" (conv outputs), "ssm_state" and "out_proj_input".
 # Mamba1 points: "in_proj_input", "x", "z" (in_proj outputs), "u" (conv output = x_proj input),
 # "x_proj_output", "dt" (dt_proj output, before dt_bias), "ssm_state" and "out_proj_input".
+# The head's input is seen as point "lm_head_input" of layer HEAD_LAYER.
 Observer = Callable[[int, str, torch.Tensor], None]
+HEAD_LAYER = -1
 
 
 def rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -65,7 +68,10 @@ class _Backbone:
             norm_w = self.tensors[f"backbone.layers.{layer}.norm.weight"]
             h = h + mixer(layer, rms_norm(h, norm_w, self.eps))
         h = rms_norm(h, self.tensors["backbone.norm_f.weight"], self.eps)
-        return h @ self.tensors["lm_head.weight"].t()
+        observer = getattr(self, "observer", None)
+        if observer is not None:
+            observer(HEAD_LAYER, "lm_head_input", h)
+        return linear(h, self.tensors, "lm_head.")
 
 
 class Mamba2Reference(_Backbone):
@@ -85,7 +91,7 @@ class Mamba2Reference(_Backbone):
     def _mixer(self, layer: int, u: torch.Tensor) -> torch.Tensor:
         s, see = self.shapes, self.observer
         see(layer, "in_proj_input", u)
-        zxbcdt = u @ self.layer_tensor(layer, "in_proj.weight").t()
+        zxbcdt = linear(u, self.tensors, mixer_prefix(layer) + "in_proj.")
         z, xbc, dt = torch.split(zxbcdt, [s.intermediate_size, s.conv_dim, s.num_heads], dim=-1)
         see(layer, "z", z)
         see(layer, "dt", dt)
@@ -114,7 +120,22 @@ class Mamba2Reference(_Backbone):
         if self.online_hadamard:
             y = hadamard_transform_ref(y)
         see(layer, "out_proj_input", y)
-        return y @ self.layer_tensor(layer, "out_proj.weight").t()
+        return linear(y, self.tensors, mixer_prefix(layer) + "out_proj.")
+
+
+def linear(x: torch.Tensor, tensors: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
+    """The linear stored under ``prefix``, at whatever precision the checkpoint holds it:
+    fp ``weight``; W8A8 (int8 ``weight`` + ``input_scale``); W4A8 / W4A16 (``weight_packed``,
+    with or without ``input_scale``)."""
+    if prefix + "weight_packed" in tensors:
+        packed = [tensors[prefix + n] for n in ("weight_packed", "weight_scale", "weight_shape")]
+        group_size = int(packed[2][1]) // packed[1].shape[1]
+        if prefix + "input_scale" in tensors:
+            return w4a8_linear_ref(x, packed[0], packed[1], group_size, packed[2], tensors[prefix + "input_scale"])
+        return w4a16_linear_ref(x, packed[0], packed[1], group_size, packed[2])
+    if tensors[prefix + "weight"].dtype == torch.int8:
+        return int8_linear(x, tensors, prefix)
+    return x @ tensors[prefix + "weight"].t()
 
 
 def int8_linear(x: torch.Tensor, tensors: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
@@ -147,7 +168,7 @@ class _QuantizedBackbone(_Backbone):
         return {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
 
     def _linear(self, layer: int, name: str, x: torch.Tensor) -> torch.Tensor:
-        return int8_linear(x, self.tensors, mixer_prefix(layer) + name + ".")
+        return linear(x, self.tensors, mixer_prefix(layer) + name + ".")
 
     @torch.no_grad()
     def _forward(self, ids: torch.Tensor, states: list, decode: bool):

@@ -13,7 +13,7 @@ Forward, per layer (numerics defined in ``vllm_quamba.kernels.quamba2_ssm``):
     -> out_proj (compressed-tensors W8A8 int8 scheme, static input scale)
 
 Parameters: in_proj/out_proj come from their quant scheme; every other tensor of the format
-table (``format.mamba2_w8a8_mixer_tensors``) is a plain parameter of the checkpoint's dtype,
+table (``format.mamba2_mixer_tensors``) is a plain parameter of the checkpoint's dtype,
 validated when loaded and again after loading (``process_weights_after_loading``, which vLLM
 calls on every AttentionLayerBase once all weights are in), where ``self.ssm_params`` is built.
 """
@@ -33,7 +33,7 @@ from ..format import (
     Mamba2Shapes,
     QuambaFormatError,
     mamba2_ssm_params,
-    mamba2_w8a8_mixer_tensors,
+    mamba2_mixer_tensors,
 )
 from ..kernels.hadamard import hadamard_transform_ref
 from .checkpoint_tensors import CheckpointTensorsMixin, TensorHolder
@@ -54,7 +54,7 @@ def quamba_mixer_ssm_tensors(shapes: Mamba2Shapes) -> dict[str, tuple[tuple[int,
     """The format table's mixer tensors that the mixer owns (all but in_proj/out_proj)."""
     return {
         name: spec
-        for name, spec in mamba2_w8a8_mixer_tensors(shapes).items()
+        for name, spec in mamba2_mixer_tensors(shapes).items()
         if name.split(".")[0] not in MAMBA2_QUANTIZED_LINEARS
     }
 
@@ -133,6 +133,8 @@ class QuambaMixer2(CheckpointTensorsMixin, MambaMixer2):
             conv_kernel=conv_kernel_size,
             num_layers=num_layers or 0,
         )
+        # W8A8 or W4A8: the same int8 SSM, only the linears' schemes differ.
+        self.precision = quant_config.layer_precision(prefix)
         self.rms_norm_eps = rms_norm_eps
         self.chunk_size = model_config.get_mamba_chunk_size() if model_config is not None else 256
 
@@ -151,7 +153,7 @@ class QuambaMixer2(CheckpointTensorsMixin, MambaMixer2):
 
     def format_tensors(self):
         """Name -> (shape, dtype) of every checkpoint tensor of this mixer (format.py's table)."""
-        return mamba2_w8a8_mixer_tensors(self.shapes)
+        return mamba2_mixer_tensors(self.shapes, self.precision)
 
     # ----- loading ---------------------------------------------------------------------------
     def process_weights_after_loading(self, act_dtype: torch.dtype | None = None) -> None:

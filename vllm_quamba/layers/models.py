@@ -32,20 +32,35 @@ from vllm.platforms import current_platform
 from ..config import QuambaConfig
 from ..format import (
     QUANT_METHOD,
+    Mamba2Shapes,
     QuambaFormatError,
     check_tensor,
+    mamba2_mixer_tensors,
+    mixer_prefix,
+    quamba_section,
 )
+from ..kernels.hadamard import hadamard_transform_ref
 from .checkpoint_tensors import QUAMBA_STATE_DTYPES
 from .mamba1_mixer import QuambaMixer
 from .mamba2_mixer import QuambaMixer2
 
 
-def is_quamba(vllm_config: VllmConfig) -> bool:
-    """Whether vLLM serves this model with the ``quamba`` quantization method."""
-    if isinstance(getattr(vllm_config, "quant_config", None), QuambaConfig):
-        return True
+def quamba_recipe(vllm_config: VllmConfig) -> str | None:
+    """The recipe of the quamba checkpoint vLLM serves, or None for any other model."""
+    quant_config = getattr(vllm_config, "quant_config", None)
+    if isinstance(quant_config, QuambaConfig):
+        return quant_config.recipe
     model_config = getattr(vllm_config, "model_config", None)
-    return getattr(model_config, "quantization", None) == QUANT_METHOD
+    if getattr(model_config, "quantization", None) != QUANT_METHOD:
+        return None
+    hf_quant = getattr(model_config.hf_config, "quantization_config", None) or {}
+    return quamba_section(hf_quant)["recipe"]
+
+
+def has_int8_states(vllm_config: VllmConfig) -> bool:
+    """Quamba layers keep int8 states, except W4A16 ones (fp SSM, as the stock mixer)."""
+    recipe = quamba_recipe(vllm_config)
+    return recipe is not None and recipe != "w4a16"
 
 
 @contextlib.contextmanager
@@ -79,7 +94,7 @@ class _QuambaModelMixin:
     def get_mamba_state_dtype_from_config(
         cls, vllm_config: VllmConfig
     ) -> tuple[torch.dtype, torch.dtype]:
-        if is_quamba(vllm_config):
+        if has_int8_states(vllm_config):
             return QUAMBA_STATE_DTYPES
         return super().get_mamba_state_dtype_from_config(vllm_config)
 
@@ -95,27 +110,54 @@ class _QuambaModelMixin:
             )
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        if not self.quamba_mixers:
+        if not self.checkpoint_specs:
             return super().load_weights(weights)
-        specs = {
+        loaded = super().load_weights(_checked_stream(weights, self.checkpoint_specs))
+        _check_complete(self, loaded, self.quamba_mixers)
+        return loaded
+
+    def _quamba_mixer_specs(self) -> dict:
+        return {
             mixer.checkpoint_name(rel): spec
             for mixer in self.quamba_mixers
             for rel, spec in mixer.format_tensors().items()
         }
-        loaded = super().load_weights(_checked_stream(weights, specs))
-        _check_complete(self, loaded, self.quamba_mixers)
-        return loaded
 
 
 class QuambaMamba2ForCausalLM(_QuambaModelMixin, Mamba2ForCausalLM):
     """Mamba2ForCausalLM that serves quamba W8A8 checkpoints too."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
-        if isinstance(vllm_config.quant_config, QuambaConfig):
+        self.checkpoint_specs = {}
+        recipe = quamba_recipe(vllm_config)
+        if recipe is None:
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+            self.quamba_mixers = []
+        elif recipe == "w4a16":
+            self._init_w4a16(vllm_config, prefix)
+        else:
             self._init_with_quamba_mixers(vllm_config, prefix, MambaMixer2, QuambaMixer2)
-            return
+            self.checkpoint_specs = self._quamba_mixer_specs()
+
+    def _init_w4a16(self, vllm_config: VllmConfig, prefix: str) -> None:
+        """W4A16 keeps the stock fp SSM (quamba.md section 2.5): stock mixers whose in_proj and
+        out_proj run the 4-bit scheme, and the online Hadamard on out_proj's input (its
+        transpose is fused into the weight)."""
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.quamba_mixers = []
+        hf_config = vllm_config.model_config.hf_config.to_dict()
+        shapes = Mamba2Shapes.from_config(hf_config)
+        table = mamba2_mixer_tensors(shapes, "w4a16")
+        for module in self.modules():
+            if isinstance(module, MambaMixer2):
+                module.out_proj.register_forward_pre_hook(_hadamard_input)
+        self.checkpoint_specs = {
+            mixer_prefix(layer) + rel: spec for layer in range(shapes.num_layers) for rel, spec in table.items()
+        }
+
+
+def _hadamard_input(module: torch.nn.Module, args: tuple) -> tuple:
+    return (hadamard_transform_ref(args[0]), *args[1:])
 
 
 # ----- Mamba1 ---------------------------------------------------------------------------------------
@@ -142,8 +184,10 @@ class QuambaMambaForCausalLM(_QuambaModelMixin, MambaForCausalLM):
     """
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        self.checkpoint_specs = {}
         if isinstance(vllm_config.quant_config, QuambaConfig):
             self._init_with_quamba_mixers(vllm_config, prefix, MambaMixer, QuambaMixer)
+            self.checkpoint_specs = self._quamba_mixer_specs()
             return
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self.quamba_mixers = []

@@ -1,0 +1,213 @@
+"""4-bit weight linear (W4A16, W4A8): reference vs compressed-tensors, CPU path and Triton vs reference.
+
+Tolerances:
+- W4A16 CPU/Triton vs reference: |err| <= 1e-5 * (|x| @ |W|.T) + 1e-6. Both sum the same float32
+  products in different orders (the reference through BLAS, the CPU kernel per group then across
+  groups). Rounding errors of such sums behave as a random walk, ~sqrt(K) * 6e-8 <= 4e-6 of
+  sum|x_k W_nk| for K <= 4096, inside 1e-5; one wrong weight, scale or column shifts the result by
+  about sum|x_k W_nk| / K >= 2.4e-4 of it, far outside.
+- W4A8: the integer group sums are exact on every path, so outputs differ only in how the K/G
+  (<= 32 here) scaled group sums are rounded and added: |err| <= 1e-6 * (|x_q| @ |q * s|.T) *
+  input_scale; one differently rounded x_q or one wrong q moves a result by about 1/K of that
+  bound (>= 2.4e-4 of it), far outside.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+
+from vllm_quamba.kernels import w4_linear
+from vllm_quamba.kernels.quant import quantize_int8
+from vllm_quamba.kernels.w4_linear import (
+    dequantize_w4_ref,
+    prepack_w4,
+    w4a8_linear,
+    w4a8_linear_cpu,
+    w4a8_linear_ref,
+    w4a8_linear_triton,
+    w4a16_linear,
+    w4a16_linear_cpu,
+    w4a16_linear_ref,
+    w4a16_linear_triton,
+)
+
+
+def make_weight(out_features: int, in_features: int, group_size: int, seed: int = 0):
+    """Random q in [-8, 7] packed by compressed-tensors, positive per-group scales."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-8, 8, (out_features, in_features), generator=g, dtype=torch.int8)
+    groups = -(-in_features // group_size)
+    scale = torch.rand(out_features, groups, generator=g) * 0.02 + 0.001
+    return q, pack_to_int32(q, num_bits=4), scale
+
+
+def bound(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """sum_k |x_k| |W_nk|: the scale of the rounding error of any float32 order of x @ W.T."""
+    return x.reshape(-1, x.shape[-1]).abs().to(torch.float32) @ weight.abs().T
+
+
+def assert_close(actual, expected, tolerance):
+    error = (actual.to(torch.float32) - expected.to(torch.float32)).reshape(tolerance.shape).abs()
+    worst = (error - tolerance).max()
+    assert worst <= 0, f"max error over tolerance by {worst.item():.3g}"
+
+
+def test_dequantize_matches_compressed_tensors_unpack():
+    q, packed, scale = make_weight(7, 200, 32)
+    unpacked = unpack_from_int32(packed, 4, torch.Size((7, 200)))
+    assert torch.equal(unpacked, q)
+    expected = unpacked.float() * scale.repeat_interleave(32, dim=1)[:, :200]
+    assert torch.equal(dequantize_w4_ref(packed, scale, 32, (7, 200)), expected)
+
+
+def test_refuses_bad_layouts():
+    _, packed, scale = make_weight(4, 64, 32)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        prepack_w4(packed, scale, 12, (4, 64))
+    with pytest.raises(ValueError, match="weight_scale"):
+        prepack_w4(packed, scale, 16, (4, 64))
+    with pytest.raises(ValueError, match="weight_packed"):
+        prepack_w4(packed, scale, 32, (4, 72))
+
+
+# (N, K, G, M): odd N (4-row blocks plus leftover rows), several K, G = 32, a partial last group
+# (K = 200, G = 128: 72 k in the last group; K = 100 also ends mid-word), M that leaves x rows
+# outside the 4-row blocks, and M = 70 at K = 4096, which the kernel takes in passes of 16 rows.
+CASES = [
+    (37, 128, 128, 1),
+    (37, 256, 128, 3),
+    (64, 768, 128, 16),
+    (33, 768, 128, 65),
+    (9, 4096, 128, 70),
+    (50, 256, 32, 3),
+    (50, 256, 32, 16),
+    (21, 200, 128, 1),
+    (21, 100, 32, 5),
+]
+
+
+@pytest.mark.parametrize("out_features,in_features,group_size,rows", CASES)
+def test_w4a16_cpu_matches_ref(out_features, in_features, group_size, rows):
+    _, packed, scale = make_weight(out_features, in_features, group_size)
+    shape = (out_features, in_features)
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(1)) + 0.5  # non-zero mean
+    expected = w4a16_linear_ref(x, packed, scale, group_size, shape)
+    actual = w4a16_linear_cpu(x, prepack_w4(packed, scale, group_size, shape))
+    weight = dequantize_w4_ref(packed, scale, group_size, shape)
+    assert_close(actual, expected, 1e-5 * bound(x, weight) + 1e-6)
+
+
+@pytest.mark.parametrize("out_features,in_features,group_size,rows", CASES)
+def test_w4a8_cpu_matches_ref(out_features, in_features, group_size, rows):
+    _, packed, scale = make_weight(out_features, in_features, group_size)
+    shape = (out_features, in_features)
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(2)) * 3
+    input_scale = torch.tensor([0.03])
+    expected = w4a8_linear_ref(x, packed, scale, group_size, shape, input_scale)
+    actual = w4a8_linear_cpu(x, prepack_w4(packed, scale, group_size, shape), input_scale)
+    weight = dequantize_w4_ref(packed, scale, group_size, shape)
+    assert_close(actual, expected, 1e-6 * bound(quantize_int8(x, input_scale), weight) * input_scale + 1e-7)
+
+
+def test_w4a8_ref_is_exact_integer_math():
+    """One group, scales of 1: y / input_scale is the exact integer dot, saturation included."""
+    q, packed, _ = make_weight(5, 64, 64)
+    scale = torch.ones(5, 1)
+    x = torch.linspace(-300, 300, 64)[None]  # beyond the int8 range at both ends
+    input_scale = torch.tensor([1.0])
+    x_q = x.round().clamp(-128, 127)
+    expected = (x_q.double() @ q.double().T).float()
+    assert torch.equal(w4a8_linear_ref(x, packed, scale, 64, (5, 64), input_scale), expected)
+    assert torch.equal(w4a8_linear_cpu(x, prepack_w4(packed, scale, 64, (5, 64)), input_scale), expected)
+
+
+def test_bias_3d_input_and_bf16():
+    _, packed, scale = make_weight(19, 256, 128)
+    shape = (19, 256)
+    bias = torch.randn(19)
+    x = torch.randn(2, 3, 256, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    weight = dequantize_w4_ref(packed, scale, 128, shape)
+    expected = w4a16_linear_ref(x, packed, scale, 128, shape, bias)
+    actual = w4a16_linear(x, packed, scale, 128, shape, bias)
+    assert actual.shape == (2, 3, 19) and actual.dtype == torch.bfloat16
+    # Both round the same float32 result to bf16: allow one bf16 ulp (2^-8 relative) on top.
+    tolerance = 1e-5 * bound(x, weight) + 2**-8 * expected.float().abs().reshape(-1, 19) + 1e-6
+    assert_close(actual, expected, tolerance)
+
+    input_scale = torch.tensor(0.02)
+    expected = w4a8_linear_ref(x, packed, scale, 128, shape, input_scale, bias)
+    actual = w4a8_linear(x, packed, scale, 128, shape, input_scale, bias)
+    assert actual.shape == (2, 3, 19) and actual.dtype == torch.bfloat16
+    assert_close(actual, expected, 2**-8 * expected.float().abs().reshape(-1, 19) + 1e-6)
+
+
+def test_w4a8_saturates_outliers():
+    """Activations far beyond 127 * input_scale clamp to +-127/-128, as the reference does."""
+    _, packed, scale = make_weight(9, 128, 32)
+    shape = (9, 128)
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(4))
+    x[:, ::7] *= 1000
+    input_scale = torch.tensor([0.01])
+    expected = w4a8_linear_ref(x, packed, scale, 32, shape, input_scale)
+    actual = w4a8_linear_cpu(x, prepack_w4(packed, scale, 32, shape), input_scale)
+    weight = dequantize_w4_ref(packed, scale, 32, shape)
+    assert_close(actual, expected, 1e-6 * bound(quantize_int8(x, input_scale), weight) * input_scale + 1e-7)
+    # Without the clamp the outlier columns would dominate: the test sees saturation.
+    unclamped = (x / input_scale).round() @ weight.T * input_scale
+    assert (unclamped - expected).abs().max() > 1.0
+
+
+triton_cases = pytest.mark.parametrize(
+    "out_features,in_features,group_size,rows", [(37, 128, 32, 3), (20, 200, 64, 17), (33, 256, 128, 1)]
+)
+
+
+def _interpreting() -> bool:
+    # TRITON_INTERPRET is read when triton decorates its kernels (and its own tl helpers), i.e. at
+    # import: it cannot be switched on inside a running test session.
+    return w4_linear.triton is not None and bool(w4_linear.triton.knobs.runtime.interpret)
+
+
+@pytest.fixture
+def triton_interpreter():
+    if not _interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1 at import; test_triton_under_interpreter runs these")
+
+
+@pytest.mark.skipif(w4_linear.triton is None, reason="triton is not installed")
+def test_triton_under_interpreter():
+    """Re-run this file's Triton tests in a child process that imports triton in interpreter mode."""
+    if _interpreting():
+        pytest.skip("already interpreting: the Triton tests run in this session")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "triton_interpreted"]
+    child = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0 and " passed" in child.stdout and "skipped" not in child.stdout, child.stdout[-3000:]
+
+
+@triton_cases
+def test_w4a16_triton_interpreted_matches_ref(triton_interpreter, out_features, in_features, group_size, rows):
+    _, packed, scale = make_weight(out_features, in_features, group_size)
+    shape = (out_features, in_features)
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(5))
+    bias = torch.randn(out_features)
+    expected = w4a16_linear_ref(x, packed, scale, group_size, shape, bias)
+    actual = w4a16_linear_triton(x, packed, scale, group_size, shape, bias)
+    weight = dequantize_w4_ref(packed, scale, group_size, shape)
+    assert_close(actual, expected, 1e-5 * bound(x, weight) + 1e-6)
+
+
+@triton_cases
+def test_w4a8_triton_interpreted_matches_ref(triton_interpreter, out_features, in_features, group_size, rows):
+    _, packed, scale = make_weight(out_features, in_features, group_size)
+    shape = (out_features, in_features)
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(6)) * 4
+    input_scale = torch.tensor([0.02])
+    expected = w4a8_linear_ref(x, packed, scale, group_size, shape, input_scale)
+    actual = w4a8_linear_triton(x, packed, scale, group_size, shape, input_scale)
+    weight = dequantize_w4_ref(packed, scale, group_size, shape)
+    assert_close(actual, expected, 1e-6 * bound(quantize_int8(x, input_scale), weight) * input_scale + 1e-7)

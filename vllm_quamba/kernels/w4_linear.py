@@ -1,0 +1,244 @@
+"""Linear layers with 4-bit weights: W4A16 (float activations) and W4A8 (static int8 activations).
+
+Weights use compressed-tensors' ``pack-quantized`` layout: symmetric 4-bit integers q[n, k] in
+[-8, 7] for a weight of shape weight_shape = (N, K), packed by ``pack_to_int32(q, num_bits=4)``
+into ``weight_packed`` int32 [N, ceil(K / 8)] (nibble i of word j holds q[n, 8j + i] + 8), with
+``weight_scale`` float32 [N, ceil(K / G)] for groups of G consecutive k (the last group may be
+partial). G must be a multiple of 8, so that groups start on whole bytes.
+
+    W[n, k]  = q[n, k] * weight_scale[n, k // G]
+    W4A16:   y = x.float32 @ W.T (+ bias)                                      fp32 accumulation
+    W4A8:    x_q = quantize_int8(x, input_scale)                               (kernels.quant)
+             y[m, n] = input_scale * sum_g weight_scale[n, g] * acc[m, n, g] (+ bias)
+             acc[m, n, g] = sum_{k in group g} x_q[m, k] * q[n, k]             exact int32
+
+x is [..., K]; y is [..., N] in x's dtype.
+
+API (each op has the same four entry points):
+- ``w4a16_linear_ref`` / ``w4a8_linear_ref``: plain torch, the specification.
+- ``w4a16_linear_cpu(x, packed, bias)`` / ``w4a8_linear_cpu(x, packed, input_scale, bias)``: the
+  CPU path on a ``PackedW4`` from ``prepack_w4(...)`` (a view of the checkpoint tensors, no copy;
+  call it once after loading). One single-threaded numba kernel for every M: it unpacks the
+  nibbles in its inner loop and multiplies 4 weight rows by 4 x rows per pass, so each weight
+  byte is unpacked once per 4 rows of x and each x load serves 4 weight rows. On the dev CPU it
+  beat dequantizing L2-sized weight tiles for torch.mm at every M measured (1 to 512).
+- ``w4a16_linear_triton`` / ``w4a8_linear_triton``: a Triton kernel (GPU, or CPU under
+  TRITON_INTERPRET=1); W4A8 multiplies int8 by int8 into int32 one group at a time.
+- ``w4a16_linear`` / ``w4a8_linear``: dispatch on x's device (CUDA -> Triton, CPU -> numba path),
+  with the reference's signature.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_quamba.kernels.quant import quantize_int8
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs without triton still get the reference and the numba path
+    triton = None
+
+PACK_FACTOR = 8  # 4-bit values per int32 word
+# x rows per pass of the numba kernel: they stay in L2 (1 MiB) while all weight rows stream by.
+X_PASS_BYTES = 256 * 1024
+
+
+def _check_layout(weight_packed: torch.Tensor, weight_scale: torch.Tensor, group_size: int, weight_shape) -> tuple[int, int]:
+    out_features, in_features = (int(d) for d in weight_shape)
+    if group_size <= 0 or group_size % PACK_FACTOR != 0:
+        raise ValueError(f"group_size must be a positive multiple of {PACK_FACTOR}, got {group_size}.")
+    words = -(-in_features // PACK_FACTOR)
+    if weight_packed.dtype != torch.int32 or tuple(weight_packed.shape) != (out_features, words):
+        got = f"{weight_packed.dtype} {list(weight_packed.shape)}"
+        raise ValueError(f"weight_packed must be int32 [{out_features}, {words}], got {got}.")
+    groups = -(-in_features // group_size)
+    if tuple(weight_scale.shape) != (out_features, groups):
+        expected = f"[{out_features}, {groups}] for group_size {group_size}"
+        raise ValueError(f"weight_scale must be {expected}, got {list(weight_scale.shape)}.")
+    return out_features, in_features
+
+
+def _finish(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """float32 [M, N] -> x's leading shape and dtype, with the bias added in float32."""
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference
+
+
+def dequantize_w4_ref(weight_packed: torch.Tensor, weight_scale: torch.Tensor, group_size: int, weight_shape) -> torch.Tensor:
+    """float32 W [N, K] = q * weight_scale[:, k // G], q unpacked by compressed-tensors itself."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32  # slow import
+
+    out_features, in_features = _check_layout(weight_packed, weight_scale, group_size, weight_shape)
+    q = unpack_from_int32(weight_packed, 4, torch.Size((out_features, in_features)))
+    scale_per_column = weight_scale.to(torch.float32).repeat_interleave(group_size, dim=1)[:, :in_features]
+    return q.to(torch.float32) * scale_per_column
+
+
+def w4a16_linear_ref(x, weight_packed, weight_scale, group_size, weight_shape, bias=None) -> torch.Tensor:
+    weight = dequantize_w4_ref(weight_packed, weight_scale, group_size, weight_shape)
+    y = x.reshape(-1, x.shape[-1]).to(torch.float32) @ weight.T
+    return _finish(y, x, bias)
+
+
+def w4a8_linear_ref(x, weight_packed, weight_scale, group_size, weight_shape, input_scale, bias=None) -> torch.Tensor:
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32  # slow import
+
+    out_features, in_features = _check_layout(weight_packed, weight_scale, group_size, weight_shape)
+    groups = weight_scale.shape[1]
+    padded = groups * group_size
+    q = unpack_from_int32(weight_packed, 4, torch.Size((out_features, in_features)))
+    x_q = quantize_int8(x.reshape(-1, in_features), input_scale)
+    # Zero-pad K to whole groups; float64 products and sums of these small integers are exact.
+    q_groups = torch.nn.functional.pad(q.to(torch.float64), (0, padded - in_features)).reshape(out_features, groups, group_size)
+    x_groups = torch.nn.functional.pad(x_q.to(torch.float64), (0, padded - in_features)).reshape(-1, groups, group_size)
+    acc = torch.einsum("mgk,ngk->mng", x_groups, q_groups).to(torch.int32)
+    y = (acc.to(torch.float32) * weight_scale.to(torch.float32)).sum(dim=-1)
+    y = y * torch.as_tensor(input_scale, dtype=torch.float32).reshape(())
+    return _finish(y, x, bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU: numba
+
+
+@dataclass(frozen=True)
+class PackedW4:
+    """CPU view of a pack-quantized weight: the int32 words read as bytes (two k per byte)."""
+
+    weight_bytes: torch.Tensor  # uint8 [N, 4 * ceil(K / 8)]
+    weight_scale: torch.Tensor  # float32 [N, ceil(K / G)]
+    group_size: int
+    out_features: int
+    in_features: int
+
+
+def prepack_w4(weight_packed: torch.Tensor, weight_scale: torch.Tensor, group_size: int, weight_shape) -> PackedW4:
+    """Validate and view the checkpoint tensors for the CPU path (copies only non-contiguous input)."""
+    out_features, in_features = _check_layout(weight_packed, weight_scale, group_size, weight_shape)
+    if weight_packed.device.type != "cpu":
+        raise ValueError("prepack_w4 is for the CPU path; weight_packed is on " + str(weight_packed.device))
+    return PackedW4(
+        # Little-endian words: byte t holds k = 2t (low nibble) and k = 2t + 1 (high nibble).
+        weight_bytes=weight_packed.contiguous().view(torch.uint8),
+        weight_scale=weight_scale.to(torch.float32).contiguous(),
+        group_size=group_size,
+        out_features=out_features,
+        in_features=in_features,
+    )
+
+
+def _numba_linear(x: torch.Tensor, packed: PackedW4, input_scale=None) -> torch.Tensor:
+    """float32 [M, N]; W4A8 when input_scale is given (x quantized inside the compiled call)."""
+    from vllm_quamba.kernels._w4_linear_numba import w4_linear
+
+    x2d = x.reshape(-1, packed.in_features).to(torch.float32).contiguous()
+    row_bytes = 4 * 2 * packed.weight_bytes.shape[1]  # x_even + x_odd
+    x_rows_per_pass = max(4, X_PASS_BYTES // row_bytes // 4 * 4)  # whole 4-row blocks
+    quantize = input_scale is not None
+    y = w4_linear(
+        packed.weight_bytes.numpy(), packed.weight_scale.numpy(), x2d.numpy(), packed.group_size // 2,
+        x_rows_per_pass, quantize, float(input_scale) if quantize else 1.0,
+    )  # fmt: skip
+    return torch.from_numpy(y)
+
+
+def w4a16_linear_cpu(x: torch.Tensor, packed: PackedW4, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return _finish(_numba_linear(x, packed), x, bias)
+
+
+def w4a8_linear_cpu(x: torch.Tensor, packed: PackedW4, input_scale, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """input_scale: a float or a one-element tensor (a float avoids a .item() per call)."""
+    # int8 values are exact in float32; the kernel's per-group sums stay exact integers (< 2^24).
+    return _finish(_numba_linear(x, packed, input_scale), x, bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton
+
+if triton is not None:
+
+    @triton.jit
+    def _w4_linear_kernel(
+        x_ptr, words_ptr, scale_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
+        GROUP_SIZE: tl.constexpr, INT8_DOT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        """y[m, n] = sum over K chunks (each inside one group) of scale[n, g] * chunk dot."""
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k_start in range(0, K, BLOCK_K):
+            offs_k = k_start + tl.arange(0, BLOCK_K)
+            x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=x_mask, other=0)
+            # Each word is read by its 8 k (cache hits); shift its nibble down and re-centre it.
+            w_mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+            word = tl.load(words_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] // 8, mask=w_mask, other=0)
+            q = ((word >> ((offs_k[None, :] % 8) * 4)) & 15) - 8  # [BLOCK_N, BLOCK_K] int32
+            scale = tl.load(scale_ptr + offs_n * stride_sn + k_start // GROUP_SIZE, mask=offs_n < N, other=0.0)
+            if INT8_DOT:
+                chunk = tl.dot(x, tl.trans(q.to(tl.int8)), out_dtype=tl.int32)  # exact
+                acc += chunk.to(tl.float32) * scale[None, :]
+            else:
+                weight = q.to(tl.float32) * scale[:, None]
+                acc += tl.dot(x.to(tl.float32), tl.trans(weight), input_precision="ieee")
+        y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc, mask=y_mask)
+
+
+def _triton_matmul(x2d, weight_packed, weight_scale, group_size, weight_shape, int8_dot: bool) -> torch.Tensor:
+    if triton is None:
+        raise RuntimeError("triton is not installed: use the _cpu or _ref functions.")
+    out_features, in_features = _check_layout(weight_packed, weight_scale, group_size, weight_shape)
+    # A K chunk must lie inside one group (one scale) and tl.dot needs K >= 16.
+    block_k = next((size for size in (64, 32, 16) if group_size % size == 0), None)
+    if block_k is None:
+        raise ValueError(f"the Triton path needs group_size a multiple of 16, got {group_size}.")
+    block_m, block_n = 16, 32
+    y = torch.empty(x2d.shape[0], out_features, dtype=torch.float32, device=x2d.device)
+    scale = weight_scale.to(torch.float32).contiguous()
+    words = weight_packed.contiguous()
+    grid = (triton.cdiv(x2d.shape[0], block_m), triton.cdiv(out_features, block_n))
+    _w4_linear_kernel[grid](
+        x2d, words, scale, y, x2d.shape[0], out_features, in_features, x2d.stride(0), words.stride(0),
+        scale.stride(0), y.stride(0), GROUP_SIZE=group_size, INT8_DOT=int8_dot,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+    )  # fmt: skip
+    return y
+
+
+def w4a16_linear_triton(x, weight_packed, weight_scale, group_size, weight_shape, bias=None) -> torch.Tensor:
+    x2d = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
+    y = _triton_matmul(x2d, weight_packed, weight_scale, group_size, weight_shape, int8_dot=False)
+    return _finish(y, x, bias)
+
+
+def w4a8_linear_triton(x, weight_packed, weight_scale, group_size, weight_shape, input_scale, bias=None) -> torch.Tensor:
+    x_q = quantize_int8(x.reshape(-1, x.shape[-1]), input_scale).contiguous()
+    y = _triton_matmul(x_q, weight_packed, weight_scale, group_size, weight_shape, int8_dot=True)
+    y = y * torch.as_tensor(input_scale, dtype=torch.float32, device=y.device).reshape(())
+    return _finish(y, x, bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch
+
+
+def w4a16_linear(x, weight_packed, weight_scale, group_size, weight_shape, bias=None) -> torch.Tensor:
+    if x.is_cuda:
+        return w4a16_linear_triton(x, weight_packed, weight_scale, group_size, weight_shape, bias)
+    return w4a16_linear_cpu(x, prepack_w4(weight_packed, weight_scale, group_size, weight_shape), bias)
+
+
+def w4a8_linear(x, weight_packed, weight_scale, group_size, weight_shape, input_scale, bias=None) -> torch.Tensor:
+    if x.is_cuda:
+        return w4a8_linear_triton(x, weight_packed, weight_scale, group_size, weight_shape, input_scale, bias)
+    packed = prepack_w4(weight_packed, weight_scale, group_size, weight_shape)
+    return w4a8_linear_cpu(x, packed, input_scale, bias)

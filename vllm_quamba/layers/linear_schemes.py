@@ -1,0 +1,130 @@
+"""compressed-tensors linear schemes of quamba checkpoints, running the package's kernels.
+
+- ``QuambaW8A8Int8``: compressed-tensors' own W8A8 scheme (its parameters and loading),
+  with the forward of ``kernels.int8_linear`` on the CPU: vLLM's oneDNN int8 GEMM measured
+  ~12x slower than fp32 at batch 1 on AVX2, our numba kernel faster than fp32 at every batch
+  size (benchmarks/bench_linear.py). On CUDA the stock kernel stays.
+- ``QuambaW4Linear``: 4-bit ``pack-quantized`` weights (int32 ``weight_packed``, per-group
+  ``weight_scale``, ``weight_shape``), either weight-only (W4A16) or with the static int8
+  input scale (W4A8), running ``kernels.w4_linear``. vLLM's WNA16 scheme has no CPU kernel for
+  AVX2 (and needs N divisible by 32), and its W4A8 scheme quantizes activations dynamically
+  per token, not with Quamba's static scale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from vllm.model_executor.layers.quantization.compressed_tensors.schemes import (
+    CompressedTensorsScheme,
+    CompressedTensorsW8A8Int8,
+)
+from vllm.model_executor.parameter import (
+    BasevLLMParameter,
+    GroupQuantScaleParameter,
+    PackedvLLMParameter,
+)
+
+from ..kernels.int8_linear import w8a8_linear
+from ..kernels.w4_linear import (
+    prepack_w4,
+    w4a8_linear,
+    w4a8_linear_cpu,
+    w4a16_linear,
+    w4a16_linear_cpu,
+)
+
+W4_PACK_FACTOR = 8  # 4-bit values per int32 word of weight_packed
+
+
+class QuambaW8A8Int8(CompressedTensorsW8A8Int8):
+    """Channel-wise int8 weights, static symmetric per-tensor int8 input."""
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return -1
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        if layer.weight.is_cuda:
+            return super().process_weights_after_loading(layer)
+        layer.weight_scale.data = layer.weight_scale.data.reshape(-1).contiguous()
+        layer.weight.data = layer.weight.data.contiguous()
+
+    def apply_weights(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        if x.is_cuda:
+            return super().apply_weights(layer, x, bias)
+        return w8a8_linear(x, layer.weight, layer.weight_scale, layer.input_scale, bias)
+
+
+class QuambaW4Linear(CompressedTensorsScheme):
+    """4-bit symmetric group-wise weights; ``static_int8_input`` makes it W4A8."""
+
+    def __init__(self, group_size: int, static_int8_input: bool):
+        self.group_size = group_size
+        self.static_int8_input = static_int8_input
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return -1
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        output_partition_sizes: list[int],
+        input_size_per_partition: int,
+        params_dtype: torch.dtype,
+        weight_loader: Callable,
+        **kwargs,
+    ) -> None:
+        rows, cols = sum(output_partition_sizes), input_size_per_partition
+        if cols % self.group_size:
+            raise ValueError(
+                f"a 4-bit linear with {cols} input features cannot use groups of {self.group_size}"
+            )
+        layer.register_parameter("weight_packed", PackedvLLMParameter(
+            data=torch.empty(rows, -(-cols // W4_PACK_FACTOR), dtype=torch.int32),
+            input_dim=1, output_dim=0, packed_dim=1, packed_factor=W4_PACK_FACTOR,
+            weight_loader=weight_loader,
+        ))  # fmt: skip
+        layer.register_parameter("weight_scale", GroupQuantScaleParameter(
+            data=torch.empty(rows, cols // self.group_size, dtype=torch.float32),
+            input_dim=1, output_dim=0, weight_loader=weight_loader,
+        ))  # fmt: skip
+        layer.register_parameter("weight_shape", BasevLLMParameter(
+            data=torch.empty(2, dtype=torch.int64), weight_loader=weight_loader
+        ))  # fmt: skip
+        if self.static_int8_input:
+            layer.register_parameter("input_scale", BasevLLMParameter(
+                data=torch.empty(1, dtype=torch.float32), weight_loader=weight_loader
+            ))  # fmt: skip
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        expected = [layer.weight_packed.shape[0], layer.weight_scale.shape[1] * self.group_size]
+        if layer.weight_shape.tolist() != expected:
+            raise ValueError(
+                f"weight_shape {layer.weight_shape.tolist()} does not match the packed weight "
+                f"and scales ({expected})"
+            )
+        if not layer.weight_packed.is_cuda:
+            # The CPU kernels take a validated view of the tensors, made once (no copy), and
+            # the static input scale as a float (no .item() per call).
+            layer.w4_cpu = prepack_w4(
+                layer.weight_packed, layer.weight_scale, self.group_size, layer.weight_shape
+            )
+            if self.static_int8_input:
+                layer.input_scale_value = float(layer.input_scale)
+
+    def apply_weights(
+        self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        if not x.is_cuda:
+            if self.static_int8_input:
+                return w4a8_linear_cpu(x, layer.w4_cpu, layer.input_scale_value, bias)
+            return w4a16_linear_cpu(x, layer.w4_cpu, bias)
+        args = (x, layer.weight_packed, layer.weight_scale, self.group_size, layer.weight_shape)
+        if self.static_int8_input:
+            return w4a8_linear(*args, layer.input_scale, bias)
+        return w4a16_linear(*args, bias)
