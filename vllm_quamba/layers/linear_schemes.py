@@ -27,15 +27,37 @@ from vllm.model_executor.parameter import (
 )
 
 from ..kernels.int8_linear import w8a8_linear
-from ..kernels.w4_linear import (
-    prepack_w4,
-    w4a8_linear,
-    w4a8_linear_cpu,
-    w4a16_linear,
-    w4a16_linear_cpu,
-)
+from ..kernels.w4_linear import w4a8_linear, w4a16_linear
 
 W4_PACK_FACTOR = 8  # 4-bit values per int32 word of weight_packed
+
+
+# The kernels are opaque custom ops for torch.compile (vLLM compiles the model by default):
+# Dynamo cannot trace into a numba dispatcher.
+@torch.library.custom_op("vllm_quamba::w8a8_linear", mutates_args=())
+def w8a8_linear_op(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+    input_scale: torch.Tensor, bias: torch.Tensor | None,
+) -> torch.Tensor:
+    return w8a8_linear(x, weight, weight_scale, input_scale, bias)
+
+
+@torch.library.custom_op("vllm_quamba::w4_linear", mutates_args=())
+def w4_linear_op(
+    x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch.Tensor,
+    weight_shape: torch.Tensor, group_size: int, input_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    args = (x, weight_packed, weight_scale, group_size, weight_shape)
+    if input_scale is not None:
+        return w4a8_linear(*args, input_scale, bias)
+    return w4a16_linear(*args, bias)
+
+
+@w8a8_linear_op.register_fake
+@w4_linear_op.register_fake
+def _linear_output(x: torch.Tensor, weight: torch.Tensor, *args) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 class QuambaW8A8Int8(CompressedTensorsW8A8Int8):
@@ -56,7 +78,7 @@ class QuambaW8A8Int8(CompressedTensorsW8A8Int8):
     ) -> torch.Tensor:
         if x.is_cuda:
             return super().apply_weights(layer, x, bias)
-        return w8a8_linear(x, layer.weight, layer.weight_scale, layer.input_scale, bias)
+        return w8a8_linear_op(x, layer.weight, layer.weight_scale, layer.input_scale, bias)
 
 
 class QuambaW4Linear(CompressedTensorsScheme):
@@ -108,23 +130,12 @@ class QuambaW4Linear(CompressedTensorsScheme):
                 f"weight_shape {layer.weight_shape.tolist()} does not match the packed weight "
                 f"and scales ({expected})"
             )
-        if not layer.weight_packed.is_cuda:
-            # The CPU kernels take a validated view of the tensors, made once (no copy), and
-            # the static input scale as a float (no .item() per call).
-            layer.w4_cpu = prepack_w4(
-                layer.weight_packed, layer.weight_scale, self.group_size, layer.weight_shape
-            )
-            if self.static_int8_input:
-                layer.input_scale_value = float(layer.input_scale)
 
     def apply_weights(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
-        if not x.is_cuda:
-            if self.static_int8_input:
-                return w4a8_linear_cpu(x, layer.w4_cpu, layer.input_scale_value, bias)
-            return w4a16_linear_cpu(x, layer.w4_cpu, bias)
-        args = (x, layer.weight_packed, layer.weight_scale, self.group_size, layer.weight_shape)
-        if self.static_int8_input:
-            return w4a8_linear(*args, layer.input_scale, bias)
-        return w4a16_linear(*args, bias)
+        input_scale = layer.input_scale if self.static_int8_input else None
+        return w4_linear_op(
+            x, layer.weight_packed, layer.weight_scale, layer.weight_shape, self.group_size,
+            input_scale, bias,
+        )
