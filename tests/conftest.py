@@ -82,6 +82,31 @@ def quantized_tiny_w4a16(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def quantized_tiny_w4ax(tmp_path_factory) -> Path:
+    """The trained tiny Mamba2, W4AX with half its layers kept at W4A16 by measured sensitivity."""
+    return _quantize_tiny_mamba2(tmp_path_factory, "w4ax", auto_precision=0.5)
+
+
+@pytest.fixture(scope="session")
 def quantized_tiny_w4a8(tmp_path_factory) -> Path:
     """The trained tiny Mamba2, W4A8 (GPTQ, int8 SSM) with the default calibration."""
     return _quantize_tiny_mamba2(tmp_path_factory, "w4a8")
+
+
+def _quantize_tiny_mamba1(tmp_path_factory, recipe: str, **kwargs) -> Path:
+    from vllm_quamba.converters.quantize import quantize
+
+    name = f"tiny-mamba1-{recipe}" + ("-rtn" if kwargs.get("gptq") is False else "")
+    return quantize(TINY_MAMBA1, tmp_path_factory.mktemp("q14") / name, recipe=recipe, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def quantized_tiny_mamba1_w4a16(tmp_path_factory) -> Path:
+    """The trained tiny Mamba1, W4A16 (GPTQ in/out_proj, RTN x_proj, fp SSM), default calibration."""
+    return _quantize_tiny_mamba1(tmp_path_factory, "w4a16")
+
+
+@pytest.fixture(scope="session")
+def quantized_tiny_mamba1_w4a8(tmp_path_factory) -> Path:
+    """The trained tiny Mamba1, W4A8 (GPTQ in/out_proj, RTN x_proj, W8A8 dt_proj, int8 SSM)."""
+    return _quantize_tiny_mamba1(tmp_path_factory, "w4a8")

@@ -26,7 +26,7 @@ def test_throughput_fp32_vs_w8a8_on_tiny_fixture(tmp_path):
     out_dir = tmp_path / "results"
     report = benchmark.main([
         "--model", "tiny-mamba2", "--configs", "w8a8", "--batch-sizes", "1,2", "--prompt-len", "8",
-        "--output-len", "4", "--repeats", "1", "--enforce-eager", "--calib-samples", "2",
+        "--output-len", "16", "--repeats", "3", "--enforce-eager", "--calib-samples", "2",
         "--calib-seqlen", "32", "--bandwidth-gib", "0.0625", "--work-dir", str(tmp_path / "work"),
         "--out-dir", str(out_dir),
     ])  # fmt: skip

@@ -9,8 +9,12 @@ static symmetric per-tensor int8 ``input_scale``, which vLLM maps to
 quantization is ``round_half_even(x * (1 / input_scale))`` clamped to [-128, 127]).
 The SSM side (conv1d, scan, state) is handled by ``layers.mamba2_mixer.QuambaMixer2``
 (Mamba2) and ``layers.mamba1_mixer.QuambaMixer`` (Mamba1, whose four mixer linears in_proj,
-x_proj, dt_proj, out_proj are all W8A8), which the model classes of ``layers.models`` build when
-they see this config.
+x_proj, dt_proj, out_proj are W8A8, or 4-bit but for dt_proj in W4A8), which the model
+classes of ``layers.models`` build when they see this config.
+A quantized lm_head (``quamba.lm_head``) is one more linear of those schemes (vLLM's
+``ParallelLMHead`` path); a quantized embedding (``quamba.embedding``) gets
+``layers.linear_schemes.QuambaEmbeddingMethod``. The Mamba2 model class rebuilds both with this
+config, as the stock model builds them without one.
 
 The class lives at module level: vLLM pickles the config object into the engine and worker
 processes.
@@ -32,8 +36,10 @@ from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tenso
 from vllm.model_executor.layers.quantization.compressed_tensors.schemes import (
     CompressedTensorsScheme,
 )
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 
 from .format import (
+    EMBEDDING_BITS,
     MAMBA1_QUANTIZED_LINEARS,
     MAMBA2_QUANTIZED_LINEARS,
     QUANT_METHOD,
@@ -41,17 +47,19 @@ from .format import (
     Mamba2Shapes,
     QuambaFormatError,
     check_spec,
+    head_to_toe_tensors,
     layer_precision,
-    mamba1_w8a8_mixer_tensors,
+    mamba1_linear_precision,
+    mamba1_mixer_tensors,
     mamba2_mixer_tensors,
     mixer_prefix,
     quamba_section,
 )
-from .layers.linear_schemes import QuambaW4Linear, QuambaW8A8Int8
+from .layers.linear_schemes import QuambaEmbeddingMethod, QuambaW4Linear, QuambaW8A8Int8
 
 # Recipes this runtime can serve. The format knows more (format.RECIPES); the others fail
 # clearly at engine start instead of loading weights they cannot run.
-SERVED_RECIPES = ("w8a8", "w4a8", "w4a16")
+SERVED_RECIPES = ("w8a8", "w4a8", "w4a16", "w4ax")
 # Architectures this runtime serves (model classes in ``layers.models``).
 SERVED_ARCHITECTURES = ("Mamba2ForCausalLM", "MambaForCausalLM")
 # The mixer linears a w8a8 checkpoint quantizes, over both architectures.
@@ -161,10 +169,41 @@ class QuambaConfig(CompressedTensorsConfig):
     def get_quant_method(
         self, layer: torch.nn.Module, prefix: str
     ) -> QuantizeMethodBase | None:
+        if isinstance(layer, VocabParallelEmbedding) and not isinstance(layer, ParallelLMHead):
+            return self._embedding_method(layer, prefix)
         method = super().get_quant_method(layer, prefix)
         if isinstance(layer, LinearBase) and _is_mixer_linear(prefix):
             self._check_mixer_linear(layer, prefix)
+        if isinstance(layer, ParallelLMHead) and self.quamba.get("lm_head"):
+            found = _scheme_precision(getattr(layer, "scheme", None))
+            if found != self.quamba["lm_head"]:
+                raise QuambaFormatError(
+                    f"quantization_config.config_groups give {prefix!r} precision {found!r}, but "
+                    f"quamba.lm_head is {self.quamba['lm_head']!r}"
+                )
         return method
+
+    def _embedding_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        """The CPU-capable per-row lookup for the embedding that ``quamba.embedding``
+        quantizes; None (the stock fp lookup) otherwise."""
+        if not self.quamba.get("embedding"):
+            return None
+        scheme = self.get_scheme_dict(layer, prefix) or {}
+        weights = scheme.get("weights")
+        bits = EMBEDDING_BITS[self.quamba["embedding"]]
+        if not (
+            isinstance(weights, QuantizationArgs)
+            and weights.num_bits == bits
+            and weights.strategy == QuantizationStrategy.CHANNEL
+            and weights.symmetric
+            and scheme.get("input_activations") is None
+        ):
+            raise QuambaFormatError(
+                f"quamba.embedding is {self.quamba['embedding']!r}, but quantization_config.config_groups "
+                f"quantize {prefix!r} as weights={weights}: expected weight-only symmetric {bits}-bit "
+                "channel-wise (pack-quantized)"
+            )
+        return QuambaEmbeddingMethod(weights)
 
     def layer_precision(self, prefix: str) -> str:
         """The precision of the decoder layer that ``prefix`` (``backbone.layers.{i}....``) is in."""
@@ -204,18 +243,26 @@ class QuambaConfig(CompressedTensorsConfig):
         )
 
     def _check_mixer_linear(self, layer: torch.nn.Module, prefix: str) -> None:
-        """Every mixer linear is quantized, at its layer's precision: anything else would load
-        quantized weights into the wrong parameters (or leave them fp), so fail at engine start
-        and name the layer."""
-        expected = self.layer_precision(prefix)
-        scheme = getattr(layer, "scheme", None)
-        found = _scheme_precision(scheme)
+        """Every mixer linear is quantized at the precision the format gives it (its layer's,
+        except Mamba1's dt_proj in 4-bit layers: ``format.mamba1_linear_precision``): anything
+        else would load quantized weights into the wrong parameters (or leave them fp), so fail
+        at engine start and name the layer."""
+        precision = self.layer_precision(prefix)
+        expected = self.linear_precision(prefix)
+        found = _scheme_precision(getattr(layer, "scheme", None))
         if found != expected:
             raise QuambaFormatError(
                 f"quantization_config.config_groups give {prefix!r} precision {found!r}, but "
-                f"its layer is {expected!r} (quamba.recipe {self.recipe!r}): every mixer linear "
-                "of a quamba checkpoint is quantized at its layer's precision"
+                f"the format expects {expected!r} in its {precision!r} layer (quamba.recipe "
+                f"{self.recipe!r})"
             )
+
+    def linear_precision(self, prefix: str) -> str | None:
+        """The precision of the mixer linear at ``prefix``; None: unquantized."""
+        precision = self.layer_precision(prefix)
+        if self.quamba.get("architecture") == "mamba":
+            return mamba1_linear_precision(precision, prefix.split(".")[-1])
+        return precision
 
 
 def _layer_index(prefix: str) -> int:
@@ -254,8 +301,9 @@ _SAFETENSORS_DTYPES = {
 
 
 def check_checkpoint_headers(model_dir: str, hf_config: dict[str, Any]) -> None:
-    """Every W8A8 mixer tensor of the format is in the checkpoint with its shape and dtype,
-    and no unknown tensor sits under a mixer. Raises QuambaFormatError naming the tensor."""
+    """Every mixer tensor of the format (at its layer's precision) is in the checkpoint with
+    its shape and dtype, and no unknown tensor sits under a mixer. Raises QuambaFormatError
+    naming the tensor."""
     from safetensors import safe_open
 
     headers: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
@@ -271,11 +319,8 @@ def check_checkpoint_headers(model_dir: str, hf_config: dict[str, Any]) -> None:
     shapes = (MambaShapes if mamba1 else Mamba2Shapes).from_config(hf_config)
     for layer in range(shapes.num_layers):
         prefix = mixer_prefix(layer)
-        table = (
-            mamba1_w8a8_mixer_tensors(shapes)
-            if mamba1
-            else mamba2_mixer_tensors(shapes, layer_precision(section, layer))
-        )
+        precision = layer_precision(section, layer)
+        table = (mamba1_mixer_tensors if mamba1 else mamba2_mixer_tensors)(shapes, precision)
         for rel, (shape, dtype) in table.items():
             name = prefix + rel
             if name not in headers:
@@ -288,3 +333,7 @@ def check_checkpoint_headers(model_dir: str, hf_config: dict[str, Any]) -> None:
             raise QuambaFormatError(
                 f"quamba checkpoint has unknown mixer tensor(s) {unknown[:8]}"
             )
+    for name, (shape, dtype) in head_to_toe_tensors(section, hf_config["vocab_size"], shapes.hidden_size).items():
+        if name not in headers:
+            raise QuambaFormatError(f"quamba checkpoint is missing tensor(s) {name!r}")
+        check_spec(name, *headers[name], shape, dtype)

@@ -81,6 +81,25 @@ out_proj.input_scale            float32     [1]                          after t
 
 R = time_step_rank (dt_rank). Whether the residual stream is rotated and out_proj's input gets
 the online Hadamard is recorded in ``quamba.hadamard`` (null: neither, the naive baseline).
+Mamba1 W4A8 and W4A16 (Quamba2, quamba.md section 2.5): ``mamba1_mixer_tensors``; the 4-bit
+linears are ``linear_tensors`` and dt_proj's precision is ``mamba1_linear_precision``.
+
+Head to toe (Mamba2, ``--quantize-embedding`` / ``--quantize-lm-head``; ``quamba.embedding`` is
+null, "int8" or "int4" and ``quamba.lm_head`` null or a precision). The untied ``lm_head`` is a
+linear [V, D] at the recipe's precision, exactly ``linear_tensors(V, D, precision)`` (its static
+``input_scale`` is calibrated on the final-norm output). The embedding is compressed-tensors'
+``pack-quantized`` channel-wise weight-only format, the one vLLM's own
+``CompressedTensorsEmbeddingWNA16Int`` reads (``embedding_tensors(V, D, bits)``):
+
+==============================  ==========  ===========================  =========================
+name (under ``backbone.``)      dtype       shape                        meaning
+==============================  ==========  ===========================  =========================
+embeddings.weight_packed        int32       [V, D * bits / 32]           pack_to_int32(q, bits)
+embeddings.weight_scale         float32     [V, 1]                       per row: q * scale
+embeddings.weight_shape         int64       [2]                          [V, D]
+==============================  ==========  ===========================  =========================
+
+V = vocab_size. 8-bit rows use absmax/127; 4-bit rows absmax*2/15 with q clamped to [-8, 7].
 """
 
 from __future__ import annotations
@@ -114,6 +133,9 @@ W4_GROUP_SIZE = 128
 MAMBA2_QUANTIZED_LINEARS = ("in_proj", "out_proj")
 # The four linears of a Mamba1 mixer that the W8A8 recipe quantizes.
 MAMBA1_QUANTIZED_LINEARS = ("in_proj", "x_proj", "dt_proj", "out_proj")
+# Module names of the head-to-toe layers (--quantize-embedding / --quantize-lm-head).
+EMBEDDING = "backbone.embeddings"
+LM_HEAD = "lm_head"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +218,39 @@ def w4_group_size(cols: int) -> int:
             f"a 4-bit linear with {cols} input features cannot use groups of {group}"
         )
     return group
+
+
+EMBEDDING_BITS = {"int8": 8, "int4": 4}
+
+
+def embedding_tensors(rows: int, cols: int, bits: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Relative name -> (shape, dtype) of a ``bits``-bit quantized embedding [rows, cols]."""
+    values_per_word = 32 // bits
+    if bits not in EMBEDDING_BITS.values() or cols % values_per_word:
+        raise QuambaFormatError(
+            f"a {bits}-bit embedding of width {cols} cannot be packed ({values_per_word} values per int32)"
+        )
+    return {
+        "weight_packed": ((rows, cols // values_per_word), torch.int32),
+        "weight_scale": ((rows, 1), torch.float32),
+        "weight_shape": ((2,), torch.int64),
+    }
+
+
+def head_to_toe_tensors(
+    section: dict[str, Any], vocab_size: int, hidden_size: int
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Full name -> (shape, dtype) of the quantized embedding and lm_head that a ``quamba``
+    section declares; empty when it quantizes neither."""
+    table = {}
+    if section.get("embedding"):
+        bits = EMBEDDING_BITS[section["embedding"]]
+        for rel, spec in embedding_tensors(vocab_size, hidden_size, bits).items():
+            table[f"{EMBEDDING}.{rel}"] = spec
+    if section.get("lm_head"):
+        for rel, spec in linear_tensors(vocab_size, hidden_size, section["lm_head"]).items():
+            table[f"{LM_HEAD}.{rel}"] = spec
+    return table
 
 
 def mamba2_mixer_tensors(
@@ -284,19 +339,53 @@ class MambaShapes:
         return self.time_step_rank + 2 * self.state_size
 
 
-def mamba1_w8a8_mixer_tensors(s: MambaShapes) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Name -> (shape, dtype) of every tensor a W8A8 Mamba1 mixer must have (see the table)."""
-    f32, i8 = torch.float32, torch.int8
+def mamba1_linear_precision(layer_precision: str, linear: str) -> str | None:
+    """The precision of Mamba1 mixer ``linear`` in a layer at ``layer_precision``; None: fp.
+
+    Quamba2's 4-bit kernel cannot take K = dt_rank, so dt_proj stays W8A8 in W4A8 layers and
+    fp in W4A16 ones (quamba.md section 2.5); every other linear has its layer's precision.
+    """
+    if linear == "dt_proj" and layer_precision in W4_PRECISIONS:
+        return "w8a8" if layer_precision == "w4a8" else None
+    return layer_precision
+
+
+def mamba1_mixer_tensors(
+    s: MambaShapes, precision: str = "w8a8"
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Name -> (shape, dtype) of every tensor of one Mamba1 mixer at ``precision``.
+
+    W8A8 is the table above; W4A8 has the same tensors except that in_proj, x_proj and
+    out_proj are 4-bit (``linear_tensors``). W4A16 keeps the fp SSM of the source (rotated):
+    4-bit in_proj/x_proj/out_proj, fp dt_proj (with its bias), conv1d, A_log and D.
+    """
+    f32 = torch.float32
     I, D, N, R = s.intermediate_size, s.hidden_size, s.state_size, s.time_step_rank
-    one = ((1,), f32)
     out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     for linear, (rows, cols) in (
         ("in_proj", (2 * I, D)), ("x_proj", (R + 2 * N, I)), ("dt_proj", (I, R)), ("out_proj", (D, I))
     ):
-        out[f"{linear}.weight"] = ((rows, cols), i8)
-        out[f"{linear}.weight_scale"] = ((rows, 1), f32)
-        out[f"{linear}.input_scale"] = one
-    out.update({
+        linear_precision = mamba1_linear_precision(precision, linear)
+        if linear_precision is not None:
+            out.update({f"{linear}.{rel}": spec for rel, spec in linear_tensors(rows, cols, linear_precision).items()})
+    if precision == "w4a16":
+        out.update({
+            "dt_proj.weight": ((I, R), f32),
+            "dt_proj.bias": ((I,), f32),
+            "conv1d.weight": ((I, 1, s.conv_kernel), f32),
+            "conv1d.bias": ((I,), f32),
+            "A_log": ((I, N), f32),
+            "D": ((I,), f32),
+        })
+        return out
+    return {**out, **_mamba1_int8_ssm_tensors(s)}
+
+
+def _mamba1_int8_ssm_tensors(s: MambaShapes) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    f32, i8 = torch.float32, torch.int8
+    I, N = s.intermediate_size, s.state_size
+    one = ((1,), f32)
+    return {
         "x_scale": one,
         "z_scale": one,
         "x_proj.output_scale": one,
@@ -312,8 +401,7 @@ def mamba1_w8a8_mixer_tensors(s: MambaShapes) -> dict[str, tuple[tuple[int, ...]
         "dt_bias": ((I,), i8),
         "dt_bias_scale": one,
         "ssm_state_scale": one,
-    })
-    return out
+    }
 
 
 def mixer_prefix(layer: int) -> str:
@@ -374,6 +462,16 @@ def quamba_section(quantization_config: dict[str, Any]) -> dict[str, Any]:
             f"quantization_config.quamba.method_version is {section['method_version']!r}; "
             f"this vllm-quamba reads version {METHOD_VERSION}"
         )
+    for key, allowed in (("embedding", tuple(EMBEDDING_BITS)), ("lm_head", PRECISIONS)):
+        if section.get(key) not in (None, *allowed):
+            raise QuambaFormatError(
+                f"quantization_config.quamba.{key} is {section[key]!r}, expected null or one of {allowed}"
+            )
+        if section.get(key) and section["architecture"] != "mamba2":
+            raise QuambaFormatError(
+                f"quantization_config.quamba.{key} is set, but a quantized embedding/lm_head is "
+                f"implemented for Mamba2 only (architecture {section['architecture']!r})"
+            )
     return section
 
 

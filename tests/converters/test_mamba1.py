@@ -16,7 +16,7 @@ from vllm_quamba.converters.source import load_source
 from vllm_quamba.format import (
     MambaShapes,
     check_tensor,
-    mamba1_w8a8_mixer_tensors,
+    mamba1_mixer_tensors,
     mixer_prefix,
     quamba_section,
 )
@@ -101,7 +101,7 @@ def test_checkpoint_follows_the_format(variant, quantized, quantized_naive):
     else:
         assert section["hadamard"] is None and section["percentile_alpha"] is None
     tensors = load_file(directory / "model.safetensors")
-    table = mamba1_w8a8_mixer_tensors(shapes)
+    table = mamba1_mixer_tensors(shapes)
     for layer in range(shapes.num_layers):
         for name, (shape, dtype) in table.items():
             check_tensor(name, tensors[mixer_prefix(layer) + name], shape, dtype)

@@ -34,11 +34,16 @@ def checkpoints(quantized_tiny_w4a16, quantized_tiny_w4a8):
 
 
 def simulated(directory):
-    """The simulated model of a 4-bit checkpoint."""
-    config = json.loads((directory / "config.json").read_text())
-    if config["quantization_config"]["quamba"]["recipe"] == "w4a16":
-        return Mamba2Reference(config, load_file(directory / "model.safetensors"), online_hadamard=True)
+    """The simulated model of a 4-bit checkpoint (W4A16 layers: fp SSM, fp32 states)."""
     return QuantizedMamba2Reference.from_checkpoint(directory)
+
+
+def test_w4a16_simulation_is_the_fp_model_with_dequantized_linears(quantized_tiny_w4a16):
+    """The fp SSM of W4A16 layers is the fp reference's, exactly (same ops, same order)."""
+    config = json.loads((quantized_tiny_w4a16 / "config.json").read_text())
+    fp = Mamba2Reference(config, load_file(quantized_tiny_w4a16 / "model.safetensors"), online_hadamard=True)
+    ids = torch.arange(0, 2000, 37)
+    assert torch.equal(simulated(quantized_tiny_w4a16).logits(ids), fp.logits(ids))
 
 
 @pytest.mark.parametrize("recipe", ["w4a16", "w4a8"])
@@ -87,6 +92,47 @@ def test_perplexity_within_bar_and_gptq_beats_round_to_nearest(recipe, checkpoin
     print(f"{recipe}: fp {fp:.3f}, GPTQ {gptq:.3f} ({100 * (gptq / fp - 1):+.2f}%), RTN {rtn:.3f} ({100 * (rtn / fp - 1):+.2f}%)")
     assert gptq / fp - 1 <= QUALITY_BAR[recipe]
     assert rtn > gptq
+
+
+def test_w4ax_keeps_the_most_sensitive_layers_at_w4a16(quantized_tiny_w4ax, checkpoints):
+    """--auto-precision 0.5 on 4 layers: the 2 layers whose calibration loss rises most at W4A8
+    stay W4A16; the perplexity lands between the all-W4A16 and all-W4A8 models (measured:
+    38.937 <= 38.980 <= 38.991)."""
+    quamba = json.loads((quantized_tiny_w4ax / "config.json").read_text())["quantization_config"]["quamba"]
+    increase = quamba["auto_precision"]["loss_increase_at_w4a8"]
+    kept = sorted(range(4), key=lambda layer: -increase[layer])[:2]
+    assert quamba["layer_precision"] == ["w4a16" if layer in kept else "w4a8" for layer in range(4)]
+    windows = heldout_windows(TINY_MAMBA2)
+    ppl = {name: perplexity(simulated(d), windows) for name, d in (("w4ax", quantized_tiny_w4ax), *checkpoints.items())}
+    assert ppl["w4a16"] <= ppl["w4ax"] <= ppl["w4a8"], ppl
+
+
+def test_layer_precision_file_through_the_cli(tmp_path):
+    from vllm_quamba.converters.cli import main
+
+    chosen = ["w4a8", "w4a16", "w4a8", "w4a16"]
+    (tmp_path / "layers.json").write_text(json.dumps(chosen))
+    out = tmp_path / "out"
+    args = ["quantize", str(TINY_MAMBA2), "--recipe", "w4ax", "--out", str(out), "--calib-samples", "4", "--calib-seqlen", "64"]
+    assert main(args + ["--layer-precision", str(tmp_path / "layers.json")]) == 0
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quamba"]["layer_precision"] == chosen
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(recipe="w4ax"), "exactly one of"),
+        (dict(recipe="w4ax", layer_precision=["w4a8"] * 4, auto_precision=0.5), "exactly one of"),
+        (dict(recipe="w4ax", layer_precision=["w4a8"] * 3), "lists 3 layers; the model has 4"),
+        (dict(recipe="w4ax", layer_precision=["w4a8", "w8a8", "w4a8", "w4a8"]), "must be one of"),
+        (dict(recipe="w4ax", auto_precision=1.5), r"in \[0, 1\]"),
+        (dict(recipe="w4a8", auto_precision=0.5), "recipe 'w4ax' only"),
+    ],
+)
+def test_bad_w4ax_choices_fail_before_work(kwargs, message, tmp_path):
+    with pytest.raises(QuantizeError, match=message):
+        quantize(TINY_MAMBA2, tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()
 
 
 def test_rtn_switch_is_for_4bit_recipes_only(tmp_path):

@@ -74,7 +74,11 @@ def test_no_arg_construction_explains_missing_quantization_config():
 
 
 @pytest.mark.parametrize(
-    "checkpoint", ["quamba_ckpt", "quantized_tiny_mamba1", "quantized_tiny_w4a8", "quantized_tiny_w4a16"]
+    "checkpoint",
+    [
+        "quamba_ckpt", "quantized_tiny_mamba1", "quantized_tiny_w4a8", "quantized_tiny_w4a16",
+        "quantized_tiny_w4ax", "quantized_tiny_mamba1_w4a8", "quantized_tiny_mamba1_w4a16",
+    ],
 )
 def test_preflight_accepts_every_converter_checkpoint(checkpoint, request):
     directory = request.getfixturevalue(checkpoint)

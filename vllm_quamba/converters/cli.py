@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     q.add_argument("model", help="source checkpoint: local directory or hub id")
-    q.add_argument("--recipe", required=True, choices=RECIPES, help="quantization recipe (implemented: w8a8 for Mamba1 and Mamba2; w4a8 and w4a16 for Mamba2)")
+    q.add_argument("--recipe", required=True, choices=RECIPES, help="quantization recipe (implemented: w8a8, w4a8, w4a16 for Mamba1; w8a8, w4a8, w4a16, w4ax for Mamba2)")
     q.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     q.add_argument(
         "--calib",
@@ -43,6 +43,26 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--tokenizer", help="tokenizer directory or hub id, when MODEL ships none")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     q.add_argument("--seed", type=int, default=0, help="random seed (the output is deterministic per seed)")
+    head_to_toe = q.add_argument_group(
+        "head to toe (Mamba2)",
+        "Quantize the embedding and the lm_head too (the lm_head is stored untied). Bits follow "
+        "the recipe: w8a8 -> per-row int8 embedding, W8A8 lm_head; 4-bit recipes -> per-row 4-bit "
+        "embedding, GPTQ lm_head at the recipe's precision (W4A8 for w4ax).",
+    )
+    head_to_toe.add_argument("--quantize-embedding", action="store_true", help="quantize the token embedding")
+    head_to_toe.add_argument("--quantize-lm-head", action="store_true", help="quantize the lm_head")
+    mixed = q.add_argument_group(
+        "W4AX (--recipe w4ax, Mamba2): per-layer W4A8 or W4A16, exactly one of",
+    )
+    mixed.add_argument(
+        "--layer-precision", metavar="FILE",
+        help='JSON list with one of "w4a8"/"w4a16" per decoder layer',
+    )
+    mixed.add_argument(
+        "--auto-precision", type=float, metavar="F",
+        help="keep the fraction F (0..1) of layers most hurt by 8-bit activations (measured on "
+        "calibration text) at W4A16, the rest W4A8 (int8 SSM and states: faster, 4x smaller state)",
+    )
     naive = q.add_argument_group(
         "naive baselines",
         "Switch off parts of the Quamba recipe to get the naive baselines of the Quamba papers: "
@@ -79,13 +99,17 @@ def main(argv: list[str] | None = None) -> int:
     alpha = None if args.no_percentile else (args.percentile_alpha or DEFAULT_PERCENTILE_ALPHA)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from .quantize import quantize
+    from .recipe_w4ax import read_layer_precision
 
     try:
+        layer_precision = read_layer_precision(args.layer_precision) if args.layer_precision else None
         out = quantize(
             args.model, args.out, recipe=args.recipe, calib=args.calib,
             calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
             tokenizer=args.tokenizer, overwrite=args.overwrite, seed=args.seed,
             hadamard=not args.no_hadamard, percentile_alpha=alpha, gptq=not args.rtn,
+            layer_precision=layer_precision, auto_precision=args.auto_precision,
+            quantize_embedding=args.quantize_embedding, quantize_lm_head=args.quantize_lm_head,
         )
     except ValueError as exc:  # every input error of the converter is a ValueError subclass
         print(f"vllm-quamba: error: {exc}", file=sys.stderr)

@@ -18,13 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from compressed_tensors.compressors import pack_to_int32
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ..format import (
     DIM_GROUPS,
+    EMBEDDING,
+    EMBEDDING_BITS,
     HEAD_GROUPS,
+    LM_HEAD,
     METHOD_VERSION,
     QUANT_METHOD,
     RECIPES,
@@ -33,20 +37,29 @@ from ..format import (
     W4_PRECISIONS,
     WEIGHTS_FILE,
     Mamba2Shapes,
+    embedding_tensors,
     mamba2_mixer_tensors,
     mixer_prefix,
     w4_group_size,
 )
 from ..kernels.hadamard import is_supported_hadamard_size
 from ..kernels.quant import quantize_int8, quantize_per_channel_int8, quantize_per_tensor_int8, symmetric_scale
-from . import recipe_w4, transforms
+from . import recipe_w4, recipe_w4ax, transforms
 from .calibration import DEFAULT_CALIBRATION, ActivationStats, calibration_samples
+from .gptq import group_scale, quantize_with_scale
 from .reorder import Reordering, group_absmax, sort_and_cluster
-from .simulate import Mamba2Reference
+from .simulate import HEAD_LAYER, Mamba2Reference
 from .source import TOKENIZER_FILES, SourceModel, check_source, load_source
 
 W4_RECIPES = ("w4a8", "w4a16", "w4ax")
-IMPLEMENTED = {("mamba2", "w8a8"), ("mamba2", "w4a8"), ("mamba2", "w4a16"), ("mamba", "w8a8")}
+IMPLEMENTED = {
+    ("mamba2", "w8a8"), ("mamba2", "w4a8"), ("mamba2", "w4a16"), ("mamba2", "w4ax"),
+    ("mamba", "w8a8"), ("mamba", "w4a8"), ("mamba", "w4a16"),
+}
+# 4-bit embedding rows: clipping ratios of the absmax scale searched per row, and rows per
+# search step (bounds the search's memory on large vocabularies).
+EMBEDDING_CLIP_RATIOS = torch.linspace(0.5, 1.0, 51)
+EMBEDDING_ROW_CHUNK = 4096
 # Quamba's percentile for the SSM input and state (quamba.md section 1, "at HEAD").
 DEFAULT_PERCENTILE_ALPHA = 0.9995
 
@@ -167,6 +180,15 @@ def _int8_args() -> dict[str, Any]:
     return dict(num_bits=8, type="int", symmetric=True, dynamic=False)
 
 
+def _embedding_scheme(bits: int) -> QuantizationScheme:
+    """Weight-only per-row ints, pack-quantized: what vLLM's compressed-tensors embedding reads."""
+    return QuantizationScheme(
+        targets=[EMBEDDING],
+        weights=QuantizationArgs(num_bits=bits, type="int", symmetric=True, dynamic=False, strategy="channel"),
+        format="pack-quantized",
+    )
+
+
 def _linear_scheme(targets: list[str], precision: str, group_size: int | None) -> QuantizationScheme:
     """compressed-tensors' own scheme model of one set of linears at ``precision``."""
     int8 = _int8_args()
@@ -188,11 +210,12 @@ def _linear_scheme(targets: list[str], precision: str, group_size: int | None) -
     )
 
 
-def linears_config(linears: dict[str, tuple[str, int]]) -> dict[str, Any]:
+def linears_config(linears: dict[str, tuple[str, int]], embedding_bits: int | None = None) -> dict[str, Any]:
     """The compressed-tensors part of ``quantization_config``, quamba method.
 
-    ``linears`` maps a target (a ``re:`` layer-name pattern) to (precision, input features);
-    targets with the same scheme share a config group.
+    ``linears`` maps a target (a ``re:`` layer-name pattern, or ``LM_HEAD``) to (precision,
+    input features); targets with the same scheme share a config group. ``embedding_bits``
+    adds the quantized embedding's group; an lm_head not among the targets is ignored (fp).
     """
     grouped: dict[tuple[str, int | None], list[str]] = {}
     for target, (precision, in_features) in linears.items():
@@ -202,11 +225,13 @@ def linears_config(linears: dict[str, tuple[str, int]]) -> dict[str, Any]:
         f"group_{i}": _linear_scheme(targets, precision, group_size)
         for i, ((precision, group_size), targets) in enumerate(sorted(grouped.items(), key=str))
     }
+    if embedding_bits is not None:
+        groups[f"group_{len(groups)}"] = _embedding_scheme(embedding_bits)
     formats = {scheme.format for scheme in groups.values()}
     config = QuantizationConfig(
         config_groups=groups,
         format=formats.pop() if len(formats) == 1 else "mixed-precision",
-        ignore=["lm_head"],
+        ignore=[] if LM_HEAD in linears else [LM_HEAD],
     ).model_dump(mode="json", exclude_none=True)
     config.pop("quantization_status", None)
     config["quant_method"] = QUANT_METHOD
@@ -225,10 +250,20 @@ def _mixer_targets(shapes: Mamba2Shapes, precisions: list[str]) -> dict[str, tup
 
 
 def quantization_config(
-    recipe: str, shapes: Mamba2Shapes, calib: dict[str, Any], precisions: list[str]
+    recipe: str,
+    shapes: Mamba2Shapes,
+    calib: dict[str, Any],
+    precisions: list[str],
+    embedding: str | None = None,
+    lm_head: str | None = None,
 ) -> dict[str, Any]:
-    """compressed-tensors' own models for the linears, plus the ``quamba`` section."""
-    config = linears_config(_mixer_targets(shapes, precisions))
+    """compressed-tensors' own models for the linears (and the quantized embedding), plus the
+    ``quamba`` section. ``embedding`` ("int8"/"int4") and ``lm_head`` (a precision) are None
+    when those layers stay fp."""
+    targets = _mixer_targets(shapes, precisions)
+    if lm_head is not None:
+        targets[LM_HEAD] = (lm_head, shapes.hidden_size)
+    config = linears_config(targets, EMBEDDING_BITS[embedding] if embedding else None)
     int8_ssm = any(p != "w4a16" for p in precisions)
     config["quamba"] = {
         "recipe": recipe,
@@ -241,6 +276,8 @@ def quantization_config(
         "ssm_state_dtype": "int8" if int8_ssm else None,
         "conv_state_dtype": "int8" if int8_ssm else None,
         "weight_scales": "per-channel" if recipe == "w8a8" else "per-group",
+        "embedding": embedding,
+        "lm_head": lm_head,
         "calibration": calib,
     }
     return config
@@ -277,6 +314,10 @@ def quantize(
     percentile_alpha: float | None = DEFAULT_PERCENTILE_ALPHA,
     hessian_budget_bytes: int = recipe_w4.DEFAULT_HESSIAN_BUDGET_BYTES,
     gptq: bool = True,
+    layer_precision: list[str] | None = None,
+    auto_precision: float | None = None,
+    quantize_embedding: bool = False,
+    quantize_lm_head: bool = False,
 ) -> Path:
     """Quantize ``model`` (local dir or hub id) with ``recipe``; returns the output directory.
 
@@ -285,76 +326,178 @@ def quantize(
     are the naive baselines of the Quamba papers; Mamba1 only. ``hessian_budget_bytes`` bounds
     the memory of GPTQ's Hessians (4-bit recipes): as many layers per calibration pass as fit;
     ``gptq=False`` rounds the 4-bit weights to nearest instead (the naive 4-bit baseline).
+    Recipe ``w4ax`` takes either ``layer_precision`` (one of "w4a8"/"w4a16" per layer) or
+    ``auto_precision`` (the fraction of layers to keep at W4A16, chosen by measured calibration
+    sensitivity: ``recipe_w4ax``).
+    ``quantize_embedding`` / ``quantize_lm_head`` quantize the embedding (per-row int8 for w8a8,
+    4-bit otherwise) and the lm_head (the recipe's precision; W4A8 for w4ax) too: Mamba2 only.
     """
     out_dir = Path(out_dir)
     kind = check_request(model, recipe, out_dir, overwrite, hadamard, percentile_alpha)
+    if kind == "mamba" and (quantize_embedding or quantize_lm_head):
+        raise QuantizeError(
+            "--quantize-embedding and --quantize-lm-head are implemented for Mamba2 only in this "
+            "version of vllm-quamba: Mamba1 checkpoints keep an fp embedding and lm_head"
+        )
+    if recipe != "w4ax" and (layer_precision is not None or auto_precision is not None):
+        raise QuantizeError("--layer-precision and --auto-precision choose the layers of recipe 'w4ax' only")
     if not gptq and recipe not in W4_RECIPES:
         raise QuantizeError(f"--rtn applies to the 4-bit recipes {W4_RECIPES}, not {recipe!r}")
     torch.manual_seed(seed)
     source = load_source(model, tokenizer)
     if kind == "mamba":
         return _quantize_mamba1(
-            source, out_dir, recipe, calib, calib_samples, calib_seqlen, overwrite, seed, hadamard, percentile_alpha
+            source, out_dir, recipe, calib, calib_samples, calib_seqlen, overwrite, seed, hadamard, percentile_alpha,
+            gptq, hessian_budget_bytes,
         )
     shapes = _check_shapes(source)
-    precisions = [recipe] * shapes.num_layers
+    embedding, lm_head = _head_to_toe_choice(recipe, shapes, source.config, quantize_embedding, quantize_lm_head)
+    candidates = ("w4a8", "w4a16") if recipe == "w4ax" else (recipe,)
+    if recipe == "w4ax":
+        recipe_w4ax.check_choice(layer_precision, auto_precision, shapes.num_layers, QuantizeError)
     samples = _samples(source, calib, calib_samples, calib_seqlen)
     tensors = transforms.rotate_residual(transforms.fold_norms(source.tensors))
-    int8_layers = [i for i, p in enumerate(precisions) if p != "w4a16"]
-    if int8_layers:  # sort-and-cluster and the SSM scales serve the int8 SSM path only
+    int8_ssm = any(p != "w4a16" for p in candidates)
+    if int8_ssm:  # sort-and-cluster and the SSM scales serve the int8 SSM path only
         tensors, reorderings = _reorder_all(tensors, shapes, source.config, samples)
     tensors = transforms.fuse_out_proj_hadamard(tensors)
-    if int8_layers:
+    stats = None
+    if int8_ssm:
         stats = _observe(
             Mamba2Reference(source.config, tensors, online_hadamard=True), samples, "calibration 2/2 (scales)"
         )
-    w4 = _w4_mixer_linears(source.config, tensors, precisions, samples, hessian_budget_bytes, gptq)
+    # GPTQ's weights do not depend on the activation precision: W4A8 and W4A16 share them.
+    four_bit = [candidates[0]] * shapes.num_layers if candidates[0] in W4_PRECISIONS else []
+    w4 = _w4_mixer_linears(
+        source.config, tensors, four_bit, samples, hessian_budget_bytes, gptq, lm_head in W4_PRECISIONS
+    )
+    options = {
+        precision: [
+            _layer_tensors(tensors, layer, shapes, precision, w4, stats, reorderings[layer] if int8_ssm else None)
+            for layer in range(shapes.num_layers)
+        ]
+        for precision in candidates
+    }
     quantized = {name: t.contiguous() for name, t in tensors.items() if ".mixer." not in name}
+    if recipe == "w4ax":
+        precisions, sensitivity = recipe_w4ax.choose_precisions(
+            layer_precision, auto_precision, options, quantized, source.config, samples,
+            lambda chosen: quantization_config("w4ax", shapes, {}, chosen),
+        )
+    else:
+        precisions, sensitivity = [recipe] * shapes.num_layers, None
     for layer, precision in enumerate(precisions):
-        if precision == "w4a16":
-            quantized.update(_fp_mixer(tensors, layer, shapes))
-        else:
-            quantized.update(_quantize_mixer(tensors, layer, shapes, stats, reorderings[layer]))
-        for linear in MAMBA2_QUANTIZED_LINEARS if precision in W4_PRECISIONS else ():
-            _replace_linear(quantized, mixer_prefix(layer) + linear + ".", w4[(layer, linear)])
+        quantized.update(options[precision][layer])
+    quantized.update(_head_to_toe_tensors(quantized, embedding, lm_head, w4, stats))
     calib_info = {"source": str(calib), "samples": len(samples), "seqlen": calib_seqlen, "seed": seed}
     config = {
         **{k: v for k, v in source.config.items() if k != "torch_dtype"},
         "tie_word_embeddings": False,
         "dtype": "float32",
-        "quantization_config": quantization_config(recipe, shapes, calib_info, precisions),
+        "quantization_config": quantization_config(recipe, shapes, calib_info, precisions, embedding, lm_head),
     }
+    if sensitivity is not None:
+        config["quantization_config"]["quamba"]["auto_precision"] = sensitivity
     _write_checkpoint(out_dir, config, quantized, source.tokenizer_dir, overwrite)
     return out_dir
 
 
-def _w4_mixer_linears(config, tensors, precisions, samples, hessian_budget_bytes, gptq: bool):
-    """in_proj/out_proj of every 4-bit layer: GPTQ, Hessians from the fp (rotated, permuted,
-    Hadamard-fused) model with the online out_proj Hadamard; or round-to-nearest."""
+def _w4_mixer_linears(config, tensors, precisions, samples, hessian_budget_bytes, gptq: bool, lm_head: bool = False):
+    """in_proj/out_proj of every 4-bit layer (and the lm_head, keyed (HEAD_LAYER, LM_HEAD), when
+    ``lm_head``): GPTQ, Hessians from the fp (rotated, permuted, Hadamard-fused) model with the
+    online out_proj Hadamard, in the same calibration passes; or round-to-nearest."""
     weights = {
         (layer, linear): tensors[mixer_prefix(layer) + linear + ".weight"]
         for layer, precision in enumerate(precisions)
         if precision in W4_PRECISIONS
         for linear in MAMBA2_QUANTIZED_LINEARS
     }
+    if lm_head:
+        weights[(HEAD_LAYER, LM_HEAD)] = tensors[f"{LM_HEAD}.weight"]
     if not gptq:
         return {key: recipe_w4.rtn_w4(weight) for key, weight in weights.items()}
     if not weights:
         return {}
     return recipe_w4.gptq_linears(
         weights,
-        {"in_proj_input": "in_proj", "out_proj_input": "out_proj"},
+        {"in_proj_input": "in_proj", "out_proj_input": "out_proj", "lm_head_input": LM_HEAD},
         lambda observer: Mamba2Reference(config, tensors, online_hadamard=True, observer=observer),
         samples,
         hessian_budget_bytes,
     )
 
 
-def _replace_linear(quantized: dict, prefix: str, packed: dict[str, torch.Tensor]) -> None:
-    """Swap a linear's int8 or fp weight for its pack-quantized tensors (keeping input_scale)."""
-    for name in ("weight", "weight_scale"):
-        quantized.pop(prefix + name, None)
-    quantized.update({prefix + name: t for name, t in packed.items()})
+def _head_to_toe_choice(
+    recipe: str, shapes: Mamba2Shapes, config: dict, quantize_embedding: bool, quantize_lm_head: bool
+) -> tuple[str | None, str | None]:
+    """(embedding "int8"/"int4" or None, lm_head precision or None); Quamba2's choices
+    (quamba.md section 2.5): 8-bit with w8a8, 4-bit rows otherwise; the lm_head at the recipe's
+    precision, W4A8 under w4ax."""
+    embedding = ("int8" if recipe == "w8a8" else "int4") if quantize_embedding else None
+    lm_head = ("w4a8" if recipe == "w4ax" else recipe) if quantize_lm_head else None
+    if embedding:
+        try:
+            embedding_tensors(config["vocab_size"], shapes.hidden_size, EMBEDDING_BITS[embedding])
+        except ValueError as exc:
+            raise QuantizeError(f"--quantize-embedding: {exc}") from exc
+    return embedding, lm_head
+
+
+def _head_to_toe_tensors(quantized, embedding: str | None, lm_head: str | None, w4, stats) -> dict[str, torch.Tensor]:
+    """The quantized embedding / lm_head tensors, replacing their fp ``weight`` in ``quantized``."""
+    out: dict[str, torch.Tensor] = {}
+    if embedding:
+        weight = quantized.pop(f"{EMBEDDING}.weight")
+        out.update({f"{EMBEDDING}.{n}": t for n, t in _quantize_embedding(weight, EMBEDDING_BITS[embedding]).items()})
+    if lm_head == "w8a8":
+        q, scale = quantize_per_channel_int8(quantized[f"{LM_HEAD}.weight"])
+        out.update({f"{LM_HEAD}.weight": q, f"{LM_HEAD}.weight_scale": scale})
+    elif lm_head:
+        quantized.pop(f"{LM_HEAD}.weight")
+        out.update({f"{LM_HEAD}.{n}": t for n, t in w4[(HEAD_LAYER, LM_HEAD)].items()})
+    if lm_head in ("w8a8", "w4a8"):
+        out[f"{LM_HEAD}.input_scale"] = stats.scale(HEAD_LAYER, "lm_head_input")
+    return {name: t.contiguous() for name, t in out.items()}
+
+
+def _quantize_embedding(weight: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
+    """Per-row symmetric ints, packed like a pack-quantized channel-wise weight: 8-bit rows
+    absmax/127 (Quamba2's), 4-bit rows with the least-squares clipping scale."""
+    if bits == 8:
+        q, scale = quantize_per_channel_int8(weight.float())
+    else:
+        scale = torch.cat([_least_squares_row_scale(rows.float(), bits) for rows in weight.split(EMBEDDING_ROW_CHUNK)])
+        q = quantize_with_scale(weight, scale, bits)
+    return {
+        "weight_packed": pack_to_int32(q, bits),
+        "weight_scale": scale.float(),
+        "weight_shape": torch.tensor(q.shape, dtype=torch.int64),
+    }
+
+
+def _least_squares_row_scale(rows: torch.Tensor, bits: int) -> torch.Tensor:
+    """[R, 1]: per row, the clipped absmax scale (ratio from EMBEDDING_CLIP_RATIOS) whose
+    rounding + clipping error is smallest. 4-bit rows are coarse enough for clipping to pay:
+    on the tiny Mamba2 the embedding alone costs +0.84% perplexity against +1.49% at absmax."""
+    candidates = group_scale(rows, bits).unsqueeze(1) * EMBEDDING_CLIP_RATIOS
+    errors = torch.stack([
+        (quantize_with_scale(rows, scale[:, None], bits) * scale[:, None] - rows).pow(2).sum(dim=1)
+        for scale in candidates.t()
+    ], dim=1)
+    return candidates.gather(1, errors.argmin(dim=1, keepdim=True))
+
+
+def _layer_tensors(tensors, layer, shapes, precision, w4, stats, reordering) -> dict[str, torch.Tensor]:
+    """One mixer's checkpoint tensors at ``precision``."""
+    if precision == "w4a16":
+        out = _fp_mixer(tensors, layer, shapes)
+        for linear in MAMBA2_QUANTIZED_LINEARS:  # fp SSM: the linears carry no input scale
+            out.update({mixer_prefix(layer) + f"{linear}.{n}": t for n, t in w4[(layer, linear)].items()})
+        return out
+    out = _quantize_mixer(tensors, layer, shapes, stats, reordering)
+    for linear in MAMBA2_QUANTIZED_LINEARS if precision == "w4a8" else ():
+        recipe_w4.replace_linear(out, mixer_prefix(layer) + linear + ".", w4[(layer, linear)])
+    return out
 
 
 def _fp_mixer(tensors, layer: int, shapes: Mamba2Shapes) -> dict[str, torch.Tensor]:
@@ -371,17 +514,18 @@ def _samples(source: SourceModel, calib: str, calib_samples: int, calib_seqlen: 
 
 
 def _quantize_mamba1(
-    source, out_dir, recipe, calib, calib_samples, calib_seqlen, overwrite, seed, hadamard, percentile_alpha
+    source, out_dir, recipe, calib, calib_samples, calib_seqlen, overwrite, seed, hadamard, percentile_alpha,
+    gptq, hessian_budget_bytes,
 ) -> Path:
     from . import recipe_mamba1
 
     shapes = recipe_mamba1.check_shapes(source.config, hadamard, QuantizeError)
     samples = _samples(source, calib, calib_samples, calib_seqlen)
     quantized = recipe_mamba1.quantize_tensors(
-        source.config, source.tensors, shapes, samples, hadamard, percentile_alpha
+        source.config, source.tensors, shapes, samples, hadamard, percentile_alpha, recipe, gptq, hessian_budget_bytes
     )
     calib_info = {"source": str(calib), "samples": len(samples), "seqlen": calib_seqlen, "seed": seed}
-    quant_config = linears_config({recipe_mamba1.TARGETS: ("w8a8", shapes.hidden_size)})
+    quant_config = linears_config(recipe_mamba1.linear_targets(recipe, shapes))
     quant_config["quamba"] = {
         **recipe_mamba1.quamba_section(recipe, shapes, hadamard, percentile_alpha),
         "method_version": METHOD_VERSION,

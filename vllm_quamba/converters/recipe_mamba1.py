@@ -1,4 +1,5 @@
-"""The Quamba W8A8 recipe for Mamba1 (``MambaForCausalLM``), source tensors -> quamba tensors.
+"""The Quamba W8A8 and Quamba2 W4A8/W4A16 recipes for Mamba1 (``MambaForCausalLM``), source
+tensors -> quamba tensors.
 
 Order (quamba.md sections 0, 1 "at HEAD", 2.4, 2.5 and 9): fold the RMSNorm weights; rotate the
 residual stream and fuse the out_proj Hadamard (out_proj's input is rotated online at runtime);
@@ -11,6 +12,12 @@ residual stream and out_proj's input unrotated (norms are still folded: that is 
 changes nothing but where gamma lives), ``percentile_alpha=None`` uses absmax for u and the
 state too. ``quantize.quantize`` checks the request and writes the checkpoint; this module
 holds what is Mamba1-specific.
+
+The 4-bit recipes (quamba.md section 2.5) start from the same rotated fp model. W4A8 is the
+W8A8 mixer with in_proj and out_proj 4-bit by GPTQ (Hessians from the fp model with the online
+Hadamard) and x_proj 4-bit by round-to-nearest; dt_proj stays W8A8 (K = dt_rank is too short for
+the 4-bit kernel). W4A16 keeps the fp SSM (conv1d, A_log, D, dt_proj and its bias) and has the
+same three linears 4-bit, weight-only. ``gptq=False`` rounds in_proj/out_proj to nearest too.
 """
 
 from __future__ import annotations
@@ -20,14 +27,23 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ..format import MambaShapes, mixer_prefix
+from ..format import (
+    W4_PRECISIONS,
+    MambaShapes,
+    mamba1_linear_precision,
+    mamba1_mixer_tensors,
+    mixer_prefix,
+)
 from ..kernels.hadamard import is_supported_hadamard_size
 from ..kernels.quant import quantize_per_channel_int8, quantize_per_tensor_int8
-from . import transforms
+from . import recipe_w4, transforms
 from .calibration import MambaActivationStats
 from .simulate import MambaReference
 
 TARGETS = r"re:.*mixer\.(in|x|dt|out)_proj$"
+# The 4-bit linears: GPTQ's (the others' inputs are observed at these points) and RTN's.
+GPTQ_INPUT_POINTS = {"in_proj_input": "in_proj", "out_proj_input": "out_proj"}
+RTN_LINEARS = ("x_proj",)
 
 
 def check_shapes(config: dict[str, Any], hadamard: bool, error: type[Exception]) -> MambaShapes:
@@ -70,7 +86,7 @@ def calibrate(
 def quantize_mixer(
     tensors: dict[str, torch.Tensor], layer: int, shapes: MambaShapes, stats: MambaActivationStats
 ) -> dict[str, torch.Tensor]:
-    """One mixer's quamba tensors (format.mamba1_w8a8_mixer_tensors), full names."""
+    """One W8A8 mixer's quamba tensors (format.mamba1_mixer_tensors), full names."""
     prefix = mixer_prefix(layer)
     t = lambda name: tensors[prefix + name]  # noqa: E731
     scale = lambda point: stats.scale(layer, point)  # noqa: E731
@@ -105,28 +121,90 @@ def quantize_tensors(
     samples: list[torch.Tensor],
     hadamard: bool,
     percentile_alpha: float | None,
+    recipe: str = "w8a8",
+    gptq: bool = True,
+    hessian_budget_bytes: int = recipe_w4.DEFAULT_HESSIAN_BUDGET_BYTES,
 ) -> dict[str, torch.Tensor]:
     """Source tensors (transformers names, fp32) -> every tensor of the quamba checkpoint."""
     tensors = transformed_tensors(source_tensors, hadamard)
-    stats = calibrate(config, tensors, samples, hadamard, percentile_alpha)
     quantized = {name: t.contiguous() for name, t in tensors.items() if ".mixer." not in name}
-    for layer in range(shapes.num_layers):
-        quantized.update(quantize_mixer(tensors, layer, shapes, stats))
+    if recipe == "w4a16":
+        for layer in range(shapes.num_layers):
+            quantized.update(_fp_ssm(tensors, layer, shapes))
+    else:
+        stats = calibrate(config, tensors, samples, hadamard, percentile_alpha)
+        for layer in range(shapes.num_layers):
+            quantized.update(quantize_mixer(tensors, layer, shapes, stats))
+    if recipe in W4_PRECISIONS:
+        w4 = w4_linears(config, tensors, shapes, samples, hadamard, gptq, hessian_budget_bytes)
+        for (layer, linear), packed in w4.items():
+            recipe_w4.replace_linear(quantized, mixer_prefix(layer) + linear + ".", packed)
     return quantized
+
+
+def w4_linears(config, tensors, shapes: MambaShapes, samples, hadamard: bool, gptq: bool, hessian_budget_bytes: int):
+    """(layer, linear) -> pack-quantized tensors of in_proj, x_proj and out_proj: x_proj by
+    round-to-nearest (Quamba2's choice), the other two by GPTQ unless ``gptq`` is False."""
+    def weights(linears):
+        return {
+            (layer, linear): tensors[mixer_prefix(layer) + linear + ".weight"]
+            for layer in range(shapes.num_layers)
+            for linear in linears
+        }
+
+    rtn = {key: recipe_w4.rtn_w4(w) for key, w in weights(RTN_LINEARS).items()}
+    gptq_weights = weights(GPTQ_INPUT_POINTS.values())
+    if not gptq:
+        return {**rtn, **{key: recipe_w4.rtn_w4(w) for key, w in gptq_weights.items()}}
+    packed = recipe_w4.gptq_linears(
+        gptq_weights,
+        GPTQ_INPUT_POINTS,
+        lambda observer: MambaReference(config, tensors, online_hadamard=hadamard, observer=observer),
+        samples,
+        hessian_budget_bytes,
+    )
+    return {**rtn, **packed}
+
+
+def _fp_ssm(tensors, layer: int, shapes: MambaShapes) -> dict[str, torch.Tensor]:
+    """A W4A16 mixer's fp tensors (all of format.mamba1_mixer_tensors(..., "w4a16") but the
+    4-bit linears', which ``w4_linears`` supplies)."""
+    prefix = mixer_prefix(layer)
+    four_bit = (*GPTQ_INPUT_POINTS.values(), *RTN_LINEARS)
+    names = [n for n in mamba1_mixer_tensors(shapes, "w4a16") if n.split(".")[0] not in four_bit]
+    return {prefix + n: tensors[prefix + n].float().contiguous() for n in names}
+
+
+def linear_targets(recipe: str, shapes: MambaShapes) -> dict[str, tuple[str, int]]:
+    """``quantize.linears_config``'s input: target -> (precision, input features) of every
+    quantized mixer linear (W4A16's dt_proj is fp: no target)."""
+    if recipe == "w8a8":
+        return {TARGETS: ("w8a8", shapes.hidden_size)}
+    in_features = {
+        "in_proj": shapes.hidden_size, "x_proj": shapes.intermediate_size,
+        "dt_proj": shapes.time_step_rank, "out_proj": shapes.intermediate_size,
+    }  # fmt: skip
+    targets = {}
+    for linear, cols in in_features.items():
+        precision = mamba1_linear_precision(recipe, linear)
+        if precision is not None:
+            targets[rf"re:.*mixer\.{linear}$"] = (precision, cols)
+    return targets
 
 
 def quamba_section(recipe: str, shapes: MambaShapes, hadamard: bool, percentile_alpha: float | None) -> dict[str, Any]:
     """The Mamba1 entries of ``quantization_config.quamba`` (besides method version, calibration)."""
+    int8_ssm = recipe != "w4a16"  # W4A16 keeps the fp SSM: no percentile, fp states
     return {
         "recipe": recipe,
         "architecture": "mamba",
         "hadamard": (
             {"residual": shapes.hidden_size, "out_proj_input": shapes.intermediate_size} if hadamard else None
         ),
-        "percentile_alpha": percentile_alpha,
-        "percentile_points": ["x_proj_input", "ssm_state"] if percentile_alpha is not None else [],
+        "percentile_alpha": percentile_alpha if int8_ssm else None,
+        "percentile_points": ["x_proj_input", "ssm_state"] if int8_ssm and percentile_alpha is not None else [],
         "layer_precision": None,
-        "ssm_state_dtype": "int8",
-        "conv_state_dtype": "int8",
-        "weight_scales": "per-channel",
+        "ssm_state_dtype": "int8" if int8_ssm else None,
+        "conv_state_dtype": "int8" if int8_ssm else None,
+        "weight_scales": "per-channel" if recipe == "w8a8" else "per-group",
     }

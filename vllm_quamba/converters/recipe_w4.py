@@ -99,3 +99,10 @@ def _hessian_observer(hessians: dict[tuple[int, str], HessianAccumulator]):
             acc.add(t)
 
     return observe
+
+
+def replace_linear(quantized: dict, prefix: str, packed: dict[str, torch.Tensor]) -> None:
+    """Swap a linear's int8 or fp weight for its pack-quantized tensors (keeping input_scale)."""
+    for name in ("weight", "weight_scale"):
+        quantized.pop(prefix + name, None)
+    quantized.update({prefix + name: t for name, t in packed.items()})

@@ -18,8 +18,16 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ..format import MambaShapes, Mamba2Shapes, mamba1_ssm_params, mamba2_ssm_params, mixer_prefix
-from ..kernels.causal_conv1d import causal_conv1d_ref
+from ..format import (
+    MambaShapes,
+    Mamba2Shapes,
+    layer_precision,
+    mamba1_ssm_params,
+    mamba2_ssm_params,
+    mixer_prefix,
+    quamba_section,
+)
+from ..kernels.causal_conv1d import causal_conv1d_ref, causal_conv1d_update_ref
 from ..kernels.gated_rmsnorm import gated_rmsnorm_ref
 from ..kernels.hadamard import hadamard_transform_ref
 from ..kernels.quamba2_ssm import quamba2_ssm_decode_ref, quamba2_ssm_prefill_ref
@@ -32,6 +40,7 @@ from ..kernels.quamba_ssm import (
 from ..kernels.quant import dequantize_int8, quantize_int8
 from ..kernels.w4_linear import w4a8_linear_ref, w4a16_linear_ref
 from ..kernels.selective_scan import selective_scan_ref
+from ..kernels.selective_state_update import mamba2_state_update_ref
 from ..kernels.ssd_chunk_scan import ssd_chunk_scan_ref
 
 # observer(layer, point, tensor): points are "in_proj_input", "z", "x_in", "B_in", "C_in",
@@ -63,7 +72,7 @@ class _Backbone:
         return self.tensors[mixer_prefix(layer) + name]
 
     def _run(self, ids: torch.Tensor, mixer: Callable[[int, torch.Tensor], torch.Tensor]):
-        h = F.embedding(ids, self.tensors["backbone.embeddings.weight"])
+        h = embedding(ids, self.tensors, "backbone.embeddings.")
         for layer in range(self.shapes.num_layers):
             norm_w = self.tensors[f"backbone.layers.{layer}.norm.weight"]
             h = h + mixer(layer, rms_norm(h, norm_w, self.eps))
@@ -121,6 +130,21 @@ class Mamba2Reference(_Backbone):
             y = hadamard_transform_ref(y)
         see(layer, "out_proj_input", y)
         return linear(y, self.tensors, mixer_prefix(layer) + "out_proj.")
+
+
+def embedding(ids: torch.Tensor, tensors: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
+    """The embedding rows of ``ids`` stored under ``prefix``: fp ``weight``, or per-row ints
+    (``weight_packed``, 8 or 4 bits) of which only the gathered rows are unpacked."""
+    if prefix + "weight_packed" not in tensors:
+        return F.embedding(ids, tensors[prefix + "weight"])
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32  # slow import
+
+    packed, scale, shape = (tensors[prefix + n] for n in ("weight_packed", "weight_scale", "weight_shape"))
+    width = int(shape[1])
+    bits = 32 * packed.shape[1] // width
+    flat = ids.reshape(-1)
+    rows = unpack_from_int32(packed[flat], bits, torch.Size((flat.numel(), width)))
+    return (rows.float() * scale[flat].float()).reshape(*ids.shape, width)
 
 
 def linear(x: torch.Tensor, tensors: dict[str, torch.Tensor], prefix: str) -> torch.Tensor:
@@ -206,13 +230,20 @@ class _QuantizedBackbone(_Backbone):
 
 
 class QuantizedMamba2Reference(_QuantizedBackbone):
-    """The simulated W8A8 forward of a Mamba2 quamba checkpoint: the runtime's numerics spec."""
+    """The simulated forward of a Mamba2 quamba checkpoint: the runtime's numerics spec.
+
+    W8A8 and W4A8 layers run the int8 SSM path with int8 states; W4A16 layers the fp SSM of
+    the stock mixer with fp32 states. The linears run at whatever precision they are stored.
+    """
 
     def __init__(self, config: dict[str, Any], tensors: dict[str, torch.Tensor]):
         super().__init__(config, tensors, Mamba2Shapes.from_config(config))
         self.chunk_size = config.get("chunk_size", 256)
+        section = quamba_section(config["quantization_config"])
         self.ssm = [
-            mamba2_ssm_params(self._mixer_tensors(i), self.shapes, self.eps, self.chunk_size)
+            None
+            if layer_precision(section, i) == "w4a16"
+            else mamba2_ssm_params(self._mixer_tensors(i), self.shapes, self.eps, self.chunk_size)
             for i in range(self.shapes.num_layers)
         ]
 
@@ -220,16 +251,48 @@ class QuantizedMamba2Reference(_QuantizedBackbone):
         return self._linear(layer, "out_proj", hadamard_transform_ref(y))
 
     def _mixer(self, layer, h, state, decode):
-        ssm_path = quamba2_ssm_decode_ref if decode else quamba2_ssm_prefill_ref
-        y, conv, ssm = ssm_path(self._linear(layer, "in_proj", h), self.ssm[layer], *state)
-        return self._out_proj(layer, y), (conv, ssm)
+        zxbcdt = self._linear(layer, "in_proj", h)
+        if self.ssm[layer] is None:
+            y, state = self._fp_ssm(layer, zxbcdt, state, decode)
+        else:
+            ssm_path = quamba2_ssm_decode_ref if decode else quamba2_ssm_prefill_ref
+            y, conv, ssm = ssm_path(zxbcdt, self.ssm[layer], *state)
+            state = (conv, ssm)
+        return self._out_proj(layer, y), state
+
+    def _fp_ssm(self, layer: int, zxbcdt: torch.Tensor, state, decode: bool):
+        """A W4A16 layer's fp SSM: in_proj output -> gated-norm output, fp32 (conv, ssm) states."""
+        s, t = self.shapes, lambda name: self.layer_tensor(layer, name)  # noqa: E731
+        gs = s.n_groups * s.state_size
+        z, xbc, dt = torch.split(zxbcdt, [s.intermediate_size, s.conv_dim, s.num_heads], dim=-1)
+        conv_state, ssm_state = state
+        conv_w = t("conv1d.weight").reshape(s.conv_dim, -1)
+        if decode:
+            xbc, conv_state = causal_conv1d_update_ref(xbc, conv_state, conv_w, t("conv1d.bias"))
+        else:
+            xbc, conv_state = causal_conv1d_ref(xbc, conv_w, t("conv1d.bias"), conv_state)
+        x, B, C = torch.split(xbc, [s.intermediate_size, gs, gs], dim=-1)
+        lead = x.shape[:-1]
+        x = x.reshape(*lead, s.num_heads, s.head_dim)
+        B, C = B.reshape(*lead, s.n_groups, s.state_size), C.reshape(*lead, s.n_groups, s.state_size)
+        A = -torch.exp(t("A_log"))
+        if decode:
+            y, ssm_state = mamba2_state_update_ref(ssm_state, x, dt, A, B, C, t("D"), t("dt_bias"))
+        else:
+            y, ssm_state = ssd_chunk_scan_ref(
+                x, dt, A, B, C, self.chunk_size, D=t("D"), dt_bias=t("dt_bias"), dt_softplus=True,
+                initial_state=ssm_state,
+            )
+        y = gated_rmsnorm_ref(y.reshape(*lead, -1), z, t("norm.weight"), s.intermediate_size // s.n_groups, self.eps)
+        return y, (conv_state, ssm_state)
 
 
 class MambaReference(_Backbone):
     """fp32 forward of one Mamba1 sequence (transformers' MambaMixer math).
 
     ``online_hadamard`` rotates out_proj's input at runtime (pair it with
-    ``transforms.fuse_out_proj_hadamard``); the observer sees every quantization point.
+    ``transforms.fuse_out_proj_hadamard``); the observer sees every quantization point. Every
+    linear goes through ``linear``: on a W4A16 checkpoint this is its simulated forward.
     """
 
     def __init__(self, config, tensors, online_hadamard: bool = False, observer: Observer | None = None):
@@ -245,10 +308,15 @@ class MambaReference(_Backbone):
     def _optional(self, layer: int, name: str) -> torch.Tensor | None:
         return self.tensors.get(mixer_prefix(layer) + name)
 
+    def _linear(self, layer: int, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Without bias (dt_proj's is the scan's delta bias), at the checkpoint's precision:
+        fp for the source model, 4-bit for a W4A16 checkpoint."""
+        return linear(x, self.tensors, mixer_prefix(layer) + name + ".")
+
     def _mixer(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         s, see, w = self.shapes, self.observer, lambda name: self.layer_tensor(layer, name)  # noqa: E731
         see(layer, "in_proj_input", h)
-        xz = h @ w("in_proj.weight").t()
+        xz = self._linear(layer, "in_proj", h)
         if self._optional(layer, "in_proj.bias") is not None:
             xz = xz + w("in_proj.bias")
         x, z = torch.split(xz, [s.intermediate_size, s.intermediate_size], dim=-1)
@@ -257,10 +325,10 @@ class MambaReference(_Backbone):
         conv_w = w("conv1d.weight").reshape(s.intermediate_size, -1)
         u, _ = causal_conv1d_ref(x, conv_w, self._optional(layer, "conv1d.bias"), None, "silu")
         see(layer, "u", u)
-        x_dbl = u @ w("x_proj.weight").t()
+        x_dbl = self._linear(layer, "x_proj", u)
         see(layer, "x_proj_output", x_dbl)
         dt_low, B, C = torch.split(x_dbl, [s.time_step_rank, s.state_size, s.state_size], dim=-1)
-        dt = dt_low @ w("dt_proj.weight").t()
+        dt = self._linear(layer, "dt_proj", dt_low)
         see(layer, "dt", dt)
         y, state = selective_scan_ref(
             u, dt, -torch.exp(w("A_log")), B, C, D=w("D"), z=z,
@@ -270,7 +338,7 @@ class MambaReference(_Backbone):
         if self.online_hadamard:
             y = hadamard_transform_ref(y)
         see(layer, "out_proj_input", y)
-        out = y @ w("out_proj.weight").t()
+        out = self._linear(layer, "out_proj", y)
         if self._optional(layer, "out_proj.bias") is not None:
             out = out + w("out_proj.bias")
         return out
@@ -280,7 +348,8 @@ class QuantizedMambaReference(_QuantizedBackbone):
     """The simulated W8A8 forward of a Mamba1 quamba checkpoint: the runtime's numerics spec.
 
     in_proj -> ``quamba_conv_*`` -> x_proj -> dt_proj -> ``quamba_scan_*`` -> [online Hadamard]
-    -> out_proj; the four linears are W8A8 (``int8_linear``). The online Hadamard is applied
+    -> out_proj; the linears run at the checkpoint's precision (``linear``: all four W8A8, or
+    W4A8 but for the W8A8 dt_proj). The online Hadamard is applied
     only when the checkpoint's ``quamba.hadamard`` is not null.
     """
 

@@ -20,11 +20,16 @@ int8 loses nothing. States are functional here: new states are returned, never w
 from __future__ import annotations
 
 import dataclasses
+import math
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from .causal_conv1d import causal_conv1d_ref, causal_conv1d_update_ref
 from .gated_rmsnorm import gated_rmsnorm_ref
+from .hadamard import _base_matrix as _hadamard_base_matrix
+from .hadamard import _base_order as _hadamard_base_order
 from .quant import dequantize_int8, quantize_int8
 from .selective_state_update import mamba2_state_update_ref
 from .ssd_chunk_scan import ssd_chunk_scan_ref
@@ -177,3 +182,201 @@ def quamba2_ssm_decode_ref(
         quantize_int8(new_conv, p.xbc_in_scale),
         quantize_int8(new_ssm, p.state_scale),
     )
+
+
+# ----------------------------------------------------------------------------- CPU fast path
+#
+# One numba call per layer and step (_quamba2_ssm_numba): the whole batch, states read and
+# written in place in the int8 cache, the output already gated-normed and (if asked) rotated by
+# the online Hadamard transform. Equal to the references above up to fp32 rounding order
+# (exp, the conv and y = state . C sums, the Hadamard base matmul), which moves an int8 value
+# by one step only where the reference's value lies within rounding error of a tie.
+
+
+class Quamba2CpuWeights(NamedTuple):
+    """A layer's Quamba2SSMParams as the numba kernels read them (numpy, fp32 unless noted).
+
+    The inverse scales are torch's fp32 reciprocals, the ones quant.quantize_int8 multiplies
+    by. The SSM state scale [H, P, N] repeats one N-vector per (group, head group, dim group):
+    it is kept as those distinct rows (state_scale_table [R, N]) and each state row's index
+    into them (state_scale_row [H*P], int64), so a decode step reads kilobytes of scales.
+    """
+
+    xbc_in_scale: np.ndarray
+    xbc_in_inv: np.ndarray
+    conv_weight_t: np.ndarray  # [K, conv_dim]: taps outermost, channels contiguous
+    conv_bias: np.ndarray
+    xbc_out_scale: np.ndarray
+    xbc_out_inv: np.ndarray
+    z_scale: np.float32
+    z_inv: np.float32
+    dt_scale: np.float32
+    dt_inv: np.float32
+    dt_bias: np.ndarray
+    A: np.ndarray
+    D: np.ndarray
+    norm_weight: np.ndarray
+    norm_eps: np.float32
+    state_scale_row: np.ndarray
+    state_scale_table: np.ndarray
+    state_inv_table: np.ndarray
+    hadamard_base: np.ndarray  # [m, m] +-1 base matrix of hadamard.py for n = I
+    hadamard_scale: np.float32
+    rotate: bool  # whether the kernels end with the Hadamard transform
+    num_heads: int
+    head_dim: int
+    state_size: int
+    n_groups: int
+
+
+def _numpy_f32(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(torch.float32).contiguous().numpy()
+
+
+def _scalar_pair(scale: torch.Tensor) -> tuple[np.float32, np.float32]:
+    scale = scale.to(torch.float32).reshape(())
+    return np.float32(scale.item()), np.float32(scale.reciprocal().item())
+
+
+def _cpu_weights(p: Quamba2SSMParams) -> Quamba2CpuWeights:
+    rows = p.state_scale.reshape(-1, p.state_size).to(torch.float32)
+    table, row_index = torch.unique(rows, dim=0, return_inverse=True)
+    base_order = _hadamard_base_order(p.intermediate_size)
+    z_scale, z_inv = _scalar_pair(p.z_scale)
+    dt_scale, dt_inv = _scalar_pair(p.dt_scale)
+    return Quamba2CpuWeights(
+        xbc_in_scale=_numpy_f32(p.xbc_in_scale),
+        xbc_in_inv=_numpy_f32(p.xbc_in_scale.to(torch.float32).reciprocal()),
+        conv_weight_t=_numpy_f32(p.conv_weight.T),
+        conv_bias=_numpy_f32(p.conv_bias),
+        xbc_out_scale=_numpy_f32(p.xbc_out_scale),
+        xbc_out_inv=_numpy_f32(p.xbc_out_scale.to(torch.float32).reciprocal()),
+        z_scale=z_scale, z_inv=z_inv, dt_scale=dt_scale, dt_inv=dt_inv,
+        dt_bias=_numpy_f32(p.dt_bias),
+        A=_numpy_f32(p.A),
+        D=_numpy_f32(p.D),
+        norm_weight=_numpy_f32(p.norm_weight),
+        norm_eps=np.float32(p.norm_eps),
+        state_scale_row=row_index.to(torch.int64).contiguous().numpy(),
+        state_scale_table=_numpy_f32(table),
+        state_inv_table=_numpy_f32(table.reciprocal()),
+        hadamard_base=_numpy_f32(_hadamard_base_matrix(base_order)),
+        hadamard_scale=np.float32(1.0 / math.sqrt(p.intermediate_size)),
+        rotate=False,
+        num_heads=p.num_heads, head_dim=p.head_dim, state_size=p.state_size, n_groups=p.n_groups,
+    )  # fmt: skip
+
+
+def cpu_weights(p: Quamba2SSMParams) -> Quamba2CpuWeights:
+    """The kernels' arrays of p, built on first use and kept on p (its tensors never change
+    after loading)."""
+    weights = p.__dict__.get("_cpu_weights")
+    if weights is None:
+        weights = p.__dict__["_cpu_weights"] = _cpu_weights(p)
+    return weights
+
+
+def quamba2_ssm_decode_state_shapes(p: Quamba2SSMParams) -> tuple[tuple[int, int], tuple[int, int, int]]:
+    """Per-sequence int8 (conv, ssm) state shapes: (K-1, conv_dim) and (H, P, N)."""
+    return (p.conv_weight.shape[1] - 1, p.conv_dim), (p.num_heads, p.head_dim, p.state_size)
+
+
+def _flat_storage(cache: torch.Tensor) -> np.ndarray:
+    """The whole storage under an int8 cache view, as a 1-D numpy array (vLLM's caches are
+    strided views into shared pages; the kernels address slots by element offset)."""
+    if cache.dtype != torch.int8:
+        raise TypeError(f"quamba states are int8, got a {cache.dtype} cache")
+    return torch.empty(0, dtype=torch.int8).set_(cache.untyped_storage()).numpy()
+
+
+def _cache_views(p: Quamba2SSMParams, conv_cache: torch.Tensor, ssm_cache: torch.Tensor):
+    """The kernels' handles on the caches: (flat storage, storage offset, strides...); the
+    kernels find a slot's states from these, so no per-call offset arithmetic runs in torch."""
+    _, ssm_shape = quamba2_ssm_decode_state_shapes(p)
+    contiguous_slot = (ssm_shape[1] * ssm_shape[2], ssm_shape[2], 1)
+    if tuple(ssm_cache.shape[1:]) != ssm_shape or ssm_cache.stride()[1:] != contiguous_slot:
+        raise ValueError(
+            f"the SSM cache must hold contiguous {ssm_shape} slots, got shape "
+            f"{tuple(ssm_cache.shape)} strides {ssm_cache.stride()}"
+        )
+    conv = (_flat_storage(conv_cache), conv_cache.storage_offset(), *conv_cache.stride())
+    ssm = (_flat_storage(ssm_cache), ssm_cache.storage_offset(), ssm_cache.stride(0))
+    return conv, ssm
+
+
+def _slot_numbers(slots: torch.Tensor) -> np.ndarray:
+    if slots.dim() != 1:
+        raise ValueError(f"slots must be one index per sequence, got shape {tuple(slots.shape)}")
+    return slots.numpy()
+
+
+def _f32_rows(t: torch.Tensor) -> np.ndarray:
+    if t.dtype != torch.float32 or not t.is_contiguous():
+        t = t.to(torch.float32).contiguous()
+    return t.numpy()
+
+
+def _output(zxbcdt: torch.Tensor, p: Quamba2SSMParams, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        return zxbcdt.new_empty((zxbcdt.shape[0], p.intermediate_size), dtype=torch.float32)
+    if out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError("out must be a contiguous float32 tensor")
+    return out
+
+
+def quamba2_ssm_decode_cpu(
+    zxbcdt: torch.Tensor,
+    p: Quamba2SSMParams,
+    conv_cache: torch.Tensor,
+    ssm_cache: torch.Tensor,
+    slots: torch.Tensor,
+    out: torch.Tensor | None = None,
+    rotate_output: bool = False,
+) -> torch.Tensor:
+    """quamba2_ssm_decode_ref for B sequences, states updated in place in their cache slots.
+
+    zxbcdt [B, in_proj_dim]; conv_cache int8 [num_slots, K-1, conv_dim] (any strides),
+    ssm_cache int8 [num_slots, H, P, N] (each slot contiguous); slots [B] the sequences'
+    slots (distinct). Returns out f32 [B, I]: the reference's y, or
+    hadamard_transform_ref(y) when rotate_output.
+    """
+    from . import _quamba2_ssm_numba  # numba loads on first call only: see DESIGN.md
+
+    out = _output(zxbcdt, p, out)
+    weights = cpu_weights(p)._replace(rotate=rotate_output)
+    _quamba2_ssm_numba.decode_kernel(
+        _f32_rows(zxbcdt), weights, _slot_numbers(slots), *_cache_views(p, conv_cache, ssm_cache),
+        out.numpy(),
+    )  # fmt: skip
+    return out
+
+
+def quamba2_ssm_prefill_cpu(
+    zxbcdt: torch.Tensor,
+    p: Quamba2SSMParams,
+    conv_cache: torch.Tensor,
+    ssm_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    slots: torch.Tensor,
+    has_initial_state: torch.Tensor,
+    out: torch.Tensor | None = None,
+    rotate_output: bool = False,
+) -> torch.Tensor:
+    """quamba2_ssm_prefill_ref for S sequences packed in zxbcdt [T, in_proj_dim] in one call.
+
+    Sequence s owns rows query_start_loc[s]:query_start_loc[s + 1] and cache slot slots[s];
+    it continues from its cached states when has_initial_state[s] (a chunked prefill), else
+    starts fresh; its final states are written to its slot. Caches as in the decode.
+    Returns out f32 [T, I] as quamba2_ssm_decode_cpu.
+    """
+    from . import _quamba2_ssm_numba
+
+    out = _output(zxbcdt, p, out)
+    weights = cpu_weights(p)._replace(rotate=rotate_output)
+    starts = query_start_loc.to(torch.int64).contiguous().numpy()
+    has_initial = has_initial_state.to(torch.bool).contiguous().numpy()
+    _quamba2_ssm_numba.prefill_kernel(
+        _f32_rows(zxbcdt), starts, has_initial, weights, _slot_numbers(slots),
+        *_cache_views(p, conv_cache, ssm_cache), out.numpy(),
+    )  # fmt: skip
+    return out

@@ -9,6 +9,10 @@
   input scale (W4A8), running ``kernels.w4_linear``. vLLM's WNA16 scheme has no CPU kernel for
   AVX2 (and needs N divisible by 32), and its W4A8 scheme quantizes activations dynamically
   per token, not with Quamba's static scale.
+- ``QuambaEmbeddingMethod``: the per-row int8/int4 ``pack-quantized`` embedding
+  (``--quantize-embedding``), with vLLM's own parameters and loading
+  (``CompressedTensorsEmbeddingWNA16Int``), whose lookup is a Triton kernel; on the CPU the
+  gathered rows (only those) are unpacked and dequantized in torch.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_embedding import (
+    CompressedTensorsEmbeddingWNA16Int,
+)
 from vllm.model_executor.layers.quantization.compressed_tensors.schemes import (
     CompressedTensorsScheme,
     CompressedTensorsW8A8Int8,
@@ -25,6 +32,7 @@ from vllm.model_executor.parameter import (
     GroupQuantScaleParameter,
     PackedvLLMParameter,
 )
+from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
 from ..kernels.int8_linear import w8a8_linear
 from ..kernels.w4_linear import w4a8_linear, w4a16_linear
@@ -124,6 +132,9 @@ class QuambaW4Linear(CompressedTensorsScheme):
             ))  # fmt: skip
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        if isinstance(layer, VocabParallelEmbedding):
+            # lm_head: vLLM pads the vocabulary with zero rows past the checkpoint's weight_shape.
+            layer.weight_shape.data[0] = layer.weight_packed.shape[0]
         expected = [layer.weight_packed.shape[0], layer.weight_scale.shape[1] * self.group_size]
         if layer.weight_shape.tolist() != expected:
             raise ValueError(
@@ -139,3 +150,36 @@ class QuambaW4Linear(CompressedTensorsScheme):
             x, layer.weight_packed, layer.weight_scale, layer.weight_shape, self.group_size,
             input_scale, bias,
         )
+
+
+def gather_dequantized_rows(
+    ids: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch.Tensor, bits: int
+) -> torch.Tensor:
+    """Rows ``ids`` [n] of a per-row pack-quantized table -> float [n, width], unpacking only them.
+
+    compressed-tensors packs 32 // bits values per int32 word, the first in the lowest bits,
+    each stored as q + 2^(bits-1).
+    """
+    words = weight_packed.index_select(0, ids)
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=words.device)
+    unsigned = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    q = unsigned.reshape(ids.numel(), -1) - (1 << (bits - 1))
+    return q.to(weight_scale.dtype) * weight_scale.index_select(0, ids)
+
+
+class QuambaEmbeddingMethod(CompressedTensorsEmbeddingWNA16Int):
+    """Per-row int8/int4 embedding: vLLM's parameters and loading, a CPU lookup."""
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        width = int(layer.weight_shape[1])
+        if width != layer.hidden_size or layer.weight_scale.shape[1] != 1:
+            raise ValueError(
+                f"quantized embedding weight_shape {layer.weight_shape.tolist()} / weight_scale "
+                f"{list(layer.weight_scale.shape)} do not match a per-row table of width {layer.hidden_size}"
+            )
+
+    def embedding(self, layer: torch.nn.Module, input_: torch.Tensor) -> torch.Tensor:
+        if input_.is_cuda:
+            return super().embedding(layer, input_)
+        rows = gather_dequantized_rows(input_.reshape(-1), layer.weight_packed, layer.weight_scale, self.num_bits)
+        return rows.reshape(*input_.shape, layer.hidden_size)

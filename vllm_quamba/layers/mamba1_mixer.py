@@ -1,22 +1,24 @@
-"""QuambaMixer: vLLM's Mamba1 ``MambaMixer`` with the Quamba W8A8 path and int8 state cache.
+"""QuambaMixer: vLLM's Mamba1 ``MambaMixer`` with the Quamba W8A8/W4A8 path and int8 state cache;
+QuambaW4A16Mixer: the stock fp mixer with 4-bit weight-only linears (W4A16).
 
 Forward, per layer (numerics defined in ``vllm_quamba.kernels.quamba_ssm``; the reference is
 ``converters.simulate.QuantizedMambaReference``):
 
-    in_proj (compressed-tensors W8A8 int8 scheme, static input scale)
+    in_proj (the scheme of the checkpoint's config group: W8A8 int8 or W4A8, static input scale)
     -> [A] conv: decode tokens (first in the batch) in one batched ``quamba_conv_decode_ref``,
        each prefill sequence in its own ``quamba_conv_prefill_ref``; int8 u, z, conv state
-    -> x_proj on the dequantized u, dt_proj on its dt_low columns (both W8A8 linears, run once
-       over all tokens of the batch: static per-tensor input scales make that per-token exact)
+    -> x_proj on the dequantized u, dt_proj on its dt_low columns (W8A8, or W4A8 x_proj and W8A8
+       dt_proj; run once over all tokens of the batch: static per-tensor input scales make that
+       per-token exact)
     -> [B] scan: batched ``quamba_scan_decode_ref`` / per-sequence ``quamba_scan_prefill_ref``;
        fp y and the int8 SSM state
     -> online Hadamard of y (only when the checkpoint's ``quamba.hadamard`` is not null)
-    -> out_proj (W8A8 int8 linear)
+    -> out_proj (W8A8 or W4A8)
 
 States live in vLLM's Mamba state cache as int8 (``get_state_dtype``); the shapes are the
 stock Mamba1 ones. The stock ``MambaDecoderLayer`` does not hand the quant config to its mixer,
 so this mixer reads it from the current vLLM config and rebuilds the four linears with it.
-Every other tensor of the format table (``format.mamba1_w8a8_mixer_tensors``) is a plain
+Every other tensor of the format table (``format.mamba1_mixer_tensors``) is a plain
 parameter of the checkpoint's dtype, checked when loaded and again after loading
 (``process_weights_after_loading``), where ``self.ssm_params`` is built.
 """
@@ -34,8 +36,8 @@ from ..format import (
     MAMBA1_QUANTIZED_LINEARS,
     MambaShapes,
     QuambaFormatError,
+    mamba1_mixer_tensors,
     mamba1_ssm_params,
-    mamba1_w8a8_mixer_tensors,
 )
 from ..kernels.hadamard import hadamard_transform_ref
 from .checkpoint_tensors import CheckpointTensorsMixin, TensorHolder
@@ -55,11 +57,13 @@ _LINEAR_EXTRAS = ("x_proj.output_scale",)
 
 
 
-def quamba_mixer1_ssm_tensors(shapes: MambaShapes) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def quamba_mixer1_ssm_tensors(
+    shapes: MambaShapes, precision: str = "w8a8"
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """The table's tensors the mixer owns as plain parameters (not the linears' scheme params)."""
     return {
         name: spec
-        for name, spec in mamba1_w8a8_mixer_tensors(shapes).items()
+        for name, spec in mamba1_mixer_tensors(shapes, precision).items()
         if name.split(".")[0] not in MAMBA1_QUANTIZED_LINEARS or name in _LINEAR_EXTRAS
     }
 
@@ -75,7 +79,7 @@ def quamba_online_hadamard(quant_config) -> bool:
 
 
 class QuambaMixer(CheckpointTensorsMixin, MambaMixer):
-    """Mamba1 mixer of a quamba W8A8 checkpoint (tensor parallel size 1)."""
+    """Mamba1 mixer of a quamba W8A8 or W4A8 checkpoint (tensor parallel size 1)."""
 
     def __init__(
         self,
@@ -134,6 +138,7 @@ class QuambaMixer(CheckpointTensorsMixin, MambaMixer):
             )
         quant_config = get_current_vllm_config().quant_config
         self.online_hadamard = quamba_online_hadamard(quant_config)
+        self.precision = quant_config.layer_precision(prefix)
 
         num_layers = getattr(getattr(model_config, "hf_config", None), "num_hidden_layers", 0)
         self.shapes = MambaShapes(
@@ -145,7 +150,7 @@ class QuambaMixer(CheckpointTensorsMixin, MambaMixer):
             num_layers=num_layers or 0,
         )
 
-        # The four linears again, now with the quant config (compressed-tensors' int8 scheme).
+        # The four linears again, now with the quant config (the schemes of its config groups).
         # in_proj is one plain column linear: the checkpoint holds it as one [2I, D] tensor.
         # dt_proj has no bias: the source's fp bias is the checkpoint's int8 dt_bias.
         self.in_proj = ColumnParallelLinear(
@@ -172,13 +177,13 @@ class QuambaMixer(CheckpointTensorsMixin, MambaMixer):
         delattr(self, "conv1d")
         self.conv1d = TensorHolder()
 
-        self.register_checkpoint_tensors(quamba_mixer1_ssm_tensors(self.shapes))
+        self.register_checkpoint_tensors(quamba_mixer1_ssm_tensors(self.shapes, self.precision))
 
         self.ssm_params: QuambaSSMParams | None = None
 
     def format_tensors(self):
         """Name -> (shape, dtype) of every checkpoint tensor of this mixer (format.py's table)."""
-        return mamba1_w8a8_mixer_tensors(self.shapes)
+        return mamba1_mixer_tensors(self.shapes, self.precision)
 
     # ----- loading ---------------------------------------------------------------------------
     def process_weights_after_loading(self, act_dtype: torch.dtype | None = None) -> None:
@@ -262,3 +267,41 @@ class QuambaMixer(CheckpointTensorsMixin, MambaMixer):
         if self.online_hadamard:
             y = hadamard_transform_ref(y)
         output[:num_tokens] = self.out_proj(y.to(hidden_states.dtype))[0]
+
+
+class QuambaW4A16Mixer(MambaMixer):
+    """Mamba1 mixer of a quamba W4A16 checkpoint: the stock fp SSM (conv1d, scan, fp dt_proj
+    and states), with in_proj, x_proj and out_proj rebuilt with the quant config (4-bit
+    weight-only; the stock mixer builds its linears without one), and the online Hadamard on
+    out_proj's input when the checkpoint has it (its transpose is fused into the weight).
+
+    The pre-hook also makes out_proj's input contiguous: the stock forward hands it a
+    transposed view whenever the batch holds a prefill.
+    """
+
+    def __init__(self, *args, prefix: str = "", **kwargs):
+        super().__init__(*args, prefix=prefix, **kwargs)
+        if get_tensor_model_parallel_world_size() != 1:
+            raise NotImplementedError("quamba checkpoints are served with tensor_parallel_size=1 only")
+        if self.in_proj.bias is not None:
+            raise NotImplementedError("quamba Mamba1 mixers have no in_proj/out_proj bias")
+        quant_config = get_current_vllm_config().quant_config
+        hidden_size, intermediate_size = self.in_proj.input_size, self.intermediate_size
+        self.in_proj = ColumnParallelLinear(
+            hidden_size, 2 * intermediate_size, bias=False,
+            quant_config=quant_config, prefix=f"{prefix}.in_proj",
+        )  # fmt: skip
+        self.x_proj = RowParallelLinear(
+            intermediate_size, self.x_proj.output_size, bias=False,
+            quant_config=quant_config, prefix=f"{prefix}.x_proj",
+        )  # fmt: skip
+        self.out_proj = RowParallelLinear(
+            intermediate_size, hidden_size, bias=False, input_is_parallel=True,
+            quant_config=quant_config, prefix=f"{prefix}.out_proj",
+        )  # fmt: skip
+        self.online_hadamard = quamba_online_hadamard(quant_config)
+        self.out_proj.register_forward_pre_hook(self._out_proj_input)
+
+    def _out_proj_input(self, module: torch.nn.Module, args: tuple) -> tuple:
+        y = args[0].contiguous()
+        return (hadamard_transform_ref(y) if self.online_hadamard else y, *args[1:])

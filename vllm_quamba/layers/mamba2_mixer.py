@@ -9,6 +9,8 @@ Forward, per layer (numerics defined in ``vllm_quamba.kernels.quamba2_ssm``):
          prefill sequences: one ``quamba2_ssm_prefill_ref`` per sequence
        each reading/writing its int8 (conv, ssm) states in vLLM's Mamba state cache;
        the result is already the gated-RMSNorm output y
+       (on the CPU: ``quamba2_ssm_decode_cpu`` for all decodes and ``quamba2_ssm_prefill_cpu``
+       for all prefills, numba kernels that also apply the Hadamard transform below)
     -> online Hadamard transform of y (``kernels.hadamard``)
     -> out_proj (compressed-tensors W8A8 int8 scheme, static input scale)
 
@@ -39,7 +41,9 @@ from ..kernels.hadamard import hadamard_transform_ref
 from .checkpoint_tensors import CheckpointTensorsMixin, TensorHolder
 from ..kernels.quamba2_ssm import (
     Quamba2SSMParams,
+    quamba2_ssm_decode_cpu,
     quamba2_ssm_decode_ref,
+    quamba2_ssm_prefill_cpu,
     quamba2_ssm_prefill_ref,
 )
 
@@ -61,6 +65,10 @@ def quamba_mixer_ssm_tensors(shapes: Mamba2Shapes) -> dict[str, tuple[tuple[int,
 
 
 
+
+
+def _hadamard_input(module: torch.nn.Module, args: tuple) -> tuple:
+    return (hadamard_transform_ref(args[0]), *args[1:])
 
 
 class QuambaMixer2(CheckpointTensorsMixin, MambaMixer2):
@@ -133,10 +141,16 @@ class QuambaMixer2(CheckpointTensorsMixin, MambaMixer2):
             conv_kernel=conv_kernel_size,
             num_layers=num_layers or 0,
         )
-        # W8A8 or W4A8: the same int8 SSM, only the linears' schemes differ.
+        # W8A8 or W4A8: the same int8 SSM, only the linears' schemes differ. W4A16: the stock
+        # fp SSM (quamba.md section 2.5) with the online Hadamard before out_proj.
         self.precision = quant_config.layer_precision(prefix)
         self.rms_norm_eps = rms_norm_eps
         self.chunk_size = model_config.get_mamba_chunk_size() if model_config is not None else 256
+        self.ssm_params: Quamba2SSMParams | None = None
+        if self.fp_ssm:
+            self._ssm_tensor_specs = {}  # the stock parameters load the fp SSM tensors
+            self.out_proj.register_forward_pre_hook(_hadamard_input)
+            return
 
         # Drop the stock fp SSM parameters (conv1d Linear and its weight view, A, D, dt_bias,
         # the gated norm) and register the format's tensors with their own dtypes instead.
@@ -149,7 +163,12 @@ class QuambaMixer2(CheckpointTensorsMixin, MambaMixer2):
 
         self.register_checkpoint_tensors(quamba_mixer_ssm_tensors(self.shapes))
 
-        self.ssm_params: Quamba2SSMParams | None = None
+    @property
+    def fp_ssm(self) -> bool:
+        return self.precision == "w4a16"
+
+    def get_state_dtype(self) -> tuple[torch.dtype, ...]:
+        return MambaMixer2.get_state_dtype(self) if self.fp_ssm else super().get_state_dtype()
 
     def format_tensors(self):
         """Name -> (shape, dtype) of every checkpoint tensor of this mixer (format.py's table)."""
@@ -162,6 +181,8 @@ class QuambaMixer2(CheckpointTensorsMixin, MambaMixer2):
         vLLM's loader calls this on every attention-like layer after the linears' own
         ``process_weights_after_loading`` (model_loader/utils.py).
         """
+        if self.fp_ssm:
+            return
         tensors = self.checked_checkpoint_tensors()
         self._check_group_ranges(tensors)
         self.ssm_params = mamba2_ssm_params(
@@ -188,6 +209,8 @@ class QuambaMixer2(CheckpointTensorsMixin, MambaMixer2):
 
     # ----- forward ---------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, mup_vector: torch.Tensor | None = None):
+        if self.fp_ssm:
+            return MambaMixer2.forward(self, hidden_states, mup_vector)
         projected_states, _ = self.in_proj(hidden_states)
         if mup_vector is not None:
             projected_states = projected_states * mup_vector
@@ -202,15 +225,20 @@ class QuambaMixer2(CheckpointTensorsMixin, MambaMixer2):
         torch.ops.vllm.mamba_mixer2(
             projected_states, ssm_output, _encode_layer_name(self.prefix)
         )
-        rotated = hadamard_transform_ref(ssm_output)
+        # The CPU kernels end with the Hadamard transform themselves (see conv_ssm_forward).
+        rotated = ssm_output if ssm_output.is_cpu else hadamard_transform_ref(ssm_output)
         output, _ = self.out_proj(rotated)
         return output
 
     def conv_ssm_forward(self, projected_states: torch.Tensor, output: torch.Tensor) -> None:
+        if self.fp_ssm:
+            return MambaMixer2.conv_ssm_forward(self, projected_states, output)
         """in_proj output -> gated-norm output, written into ``output`` (int8 states updated)."""
         batch = self.batch_state_caches(output)
         if batch is None:
             return
+        if output.is_cpu:
+            return self._conv_ssm_cpu(projected_states, output, *batch)
         attn_metadata, conv_cache, ssm_cache, _ = batch
         params = self.ssm_params
         num_decodes = attn_metadata.num_decodes
@@ -243,3 +271,27 @@ class QuambaMixer2(CheckpointTensorsMixin, MambaMixer2):
                 output[start:end] = y.to(output.dtype)
                 conv_cache[slot] = conv_new
                 ssm_cache[slot] = ssm_new
+
+    def _conv_ssm_cpu(self, projected_states, output, attn_metadata, conv_cache, ssm_cache, num_tokens):
+        """CPU fast path: one numba call for all decodes and one for all prefills, states updated
+        in place in the cache, ``output`` already Hadamard-rotated (out_proj's input)."""
+        params = self.ssm_params
+        num_decode_tokens = attn_metadata.num_decode_tokens
+        result = output[:num_tokens]
+        if result.dtype != torch.float32:  # the kernels write fp32
+            result = torch.empty_like(result, dtype=torch.float32)
+        if attn_metadata.num_decodes > 0:
+            quamba2_ssm_decode_cpu(
+                projected_states[:num_decode_tokens], params, conv_cache, ssm_cache,
+                attn_metadata.state_indices_tensor_d[:, 0], out=result[:num_decode_tokens],
+                rotate_output=True,
+            )  # fmt: skip
+        if attn_metadata.num_prefills > 0:
+            quamba2_ssm_prefill_cpu(
+                projected_states[num_decode_tokens:num_tokens], params, conv_cache, ssm_cache,
+                attn_metadata.query_start_loc_p, attn_metadata.state_indices_tensor_p,
+                attn_metadata.has_initial_states_p, out=result[num_decode_tokens:],
+                rotate_output=True,
+            )  # fmt: skip
+        if result.data_ptr() != output.data_ptr():
+            output[:num_tokens] = result.to(output.dtype)

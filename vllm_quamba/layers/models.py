@@ -26,22 +26,26 @@ from vllm.model_executor.custom_op import op_registry_oot
 from vllm.model_executor.layers.mamba.mamba_mixer import MambaMixer
 from vllm.model_executor.layers.mamba.mamba_mixer2 import MambaMixer2
 from vllm.model_executor.models.mamba import MambaForCausalLM
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.models.mamba2 import Mamba2ForCausalLM
+from vllm.model_executor.models.utils import maybe_prefix
 from vllm.platforms import current_platform
 
 from ..config import QuambaConfig
 from ..format import (
+    EMBEDDING,
+    LM_HEAD,
     QUANT_METHOD,
-    Mamba2Shapes,
+    MambaShapes,
     QuambaFormatError,
     check_tensor,
-    mamba2_mixer_tensors,
+    head_to_toe_tensors,
+    mamba1_mixer_tensors,
     mixer_prefix,
     quamba_section,
 )
-from ..kernels.hadamard import hadamard_transform_ref
 from .checkpoint_tensors import QUAMBA_STATE_DTYPES
-from .mamba1_mixer import QuambaMixer
+from .mamba1_mixer import QuambaMixer, QuambaW4A16Mixer
 from .mamba2_mixer import QuambaMixer2
 
 
@@ -58,9 +62,9 @@ def quamba_recipe(vllm_config: VllmConfig) -> str | None:
 
 
 def has_int8_states(vllm_config: VllmConfig) -> bool:
-    """Quamba layers keep int8 states, except W4A16 ones (fp SSM, as the stock mixer)."""
-    recipe = quamba_recipe(vllm_config)
-    return recipe is not None and recipe != "w4a16"
+    """Whether every layer keeps int8 states (W8A8, W4A8); W4A16 layers keep the stock fp
+    states, and a W4AX model has both (each mixer reports its own: ``get_state_dtype``)."""
+    return quamba_recipe(vllm_config) in ("w8a8", "w4a8")
 
 
 @contextlib.contextmanager
@@ -129,35 +133,31 @@ class QuambaMamba2ForCausalLM(_QuambaModelMixin, Mamba2ForCausalLM):
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         self.checkpoint_specs = {}
-        recipe = quamba_recipe(vllm_config)
-        if recipe is None:
+        if quamba_recipe(vllm_config) is None:
             super().__init__(vllm_config=vllm_config, prefix=prefix)
             self.quamba_mixers = []
-        elif recipe == "w4a16":
-            self._init_w4a16(vllm_config, prefix)
-        else:
-            self._init_with_quamba_mixers(vllm_config, prefix, MambaMixer2, QuambaMixer2)
-            self.checkpoint_specs = self._quamba_mixer_specs()
+            return
+        # Every layer gets a QuambaMixer2, which runs its layer's precision (W4A16: the stock
+        # fp SSM), so one model may mix them (W4AX).
+        self._init_with_quamba_mixers(vllm_config, prefix, MambaMixer2, QuambaMixer2)
+        self.checkpoint_specs = self._quamba_mixer_specs()
+        self._init_head_to_toe(vllm_config, prefix)
 
-    def _init_w4a16(self, vllm_config: VllmConfig, prefix: str) -> None:
-        """W4A16 keeps the stock fp SSM (quamba.md section 2.5): stock mixers whose in_proj and
-        out_proj run the 4-bit scheme, and the online Hadamard on out_proj's input (its
-        transpose is fused into the weight)."""
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.quamba_mixers = []
-        hf_config = vllm_config.model_config.hf_config.to_dict()
-        shapes = Mamba2Shapes.from_config(hf_config)
-        table = mamba2_mixer_tensors(shapes, "w4a16")
-        for module in self.modules():
-            if isinstance(module, MambaMixer2):
-                module.out_proj.register_forward_pre_hook(_hadamard_input)
-        self.checkpoint_specs = {
-            mixer_prefix(layer) + rel: spec for layer in range(shapes.num_layers) for rel, spec in table.items()
-        }
-
-
-def _hadamard_input(module: torch.nn.Module, args: tuple) -> tuple:
-    return (hadamard_transform_ref(args[0]), *args[1:])
+    def _init_head_to_toe(self, vllm_config: VllmConfig, prefix: str) -> None:
+        """Rebuild the embedding / lm_head with the quant config when the checkpoint quantizes
+        them (``--quantize-embedding`` / ``--quantize-lm-head``): the stock constructors build
+        both without one. QuambaConfig.get_quant_method then gives them the quamba methods."""
+        quant_config = vllm_config.quant_config
+        section = quant_config.quamba
+        hf_config = vllm_config.model_config.hf_config
+        vocab, hidden = hf_config.vocab_size, hf_config.hidden_size
+        if section.get("embedding"):
+            self.backbone.embeddings = VocabParallelEmbedding(
+                vocab, hidden, quant_config=quant_config, prefix=maybe_prefix(prefix, EMBEDDING)
+            )
+        if section.get("lm_head"):
+            self.lm_head = ParallelLMHead(vocab, hidden, quant_config=quant_config, prefix=maybe_prefix(prefix, LM_HEAD))
+        self.checkpoint_specs.update(head_to_toe_tensors(section, vocab, hidden))
 
 
 # ----- Mamba1 ---------------------------------------------------------------------------------------
@@ -167,7 +167,7 @@ def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:
 
 class QuambaMambaForCausalLM(_QuambaModelMixin, MambaForCausalLM):
     """vLLM's ``MambaForCausalLM``, made to run on the CPU platform, and serving quamba
-    W8A8 Mamba1 checkpoints.
+    Mamba1 checkpoints (W8A8, W4A8, W4A16).
 
     Unquantized: the scan kernels vLLM-CPU lacks are supplied as ops by
     ``vllm_quamba.layers.mamba1_ops`` (registered in :func:`vllm_quamba.register`). One more
@@ -178,14 +178,19 @@ class QuambaMambaForCausalLM(_QuambaModelMixin, MambaForCausalLM):
     input contiguous; nothing else changes (off the CPU platform the class is the stock one).
 
     Quamba checkpoint (``vllm_config.quant_config`` is a ``QuambaConfig``): every decoder layer
-    gets a ``QuambaMixer`` (``layers.mamba1_mixer``), swapped in like ``QuambaMixer2`` above
-    (``_pluggable_layer_replaced`` only while the stock constructor runs), with int8 states,
-    and the same streaming shape/dtype checks and completeness check at load.
+    gets a ``QuambaMixer`` (``layers.mamba1_mixer``; W8A8 and W4A8), swapped in like
+    ``QuambaMixer2`` above (``_pluggable_layer_replaced`` only while the stock constructor
+    runs), with int8 states, and the same streaming shape/dtype checks and completeness check
+    at load. W4A16: a ``QuambaW4A16Mixer`` (the stock fp SSM and states, 4-bit linears).
     """
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         self.checkpoint_specs = {}
-        if isinstance(vllm_config.quant_config, QuambaConfig):
+        recipe = quamba_recipe(vllm_config)
+        if recipe == "w4a16":
+            self._init_w4a16(vllm_config, prefix)
+            return
+        if recipe is not None:
             self._init_with_quamba_mixers(vllm_config, prefix, MambaMixer, QuambaMixer)
             self.checkpoint_specs = self._quamba_mixer_specs()
             return
@@ -195,6 +200,17 @@ class QuambaMambaForCausalLM(_QuambaModelMixin, MambaForCausalLM):
             for module in self.modules():
                 if isinstance(module, MambaMixer):
                     module.out_proj.register_forward_pre_hook(_contiguous_input)
+
+    def _init_w4a16(self, vllm_config: VllmConfig, prefix: str) -> None:
+        """The stock fp SSM (quamba.md section 2.5) keeps the stock parameter names and
+        loaders: the checkpoint's mixer tensors are checked against the format's W4A16 table."""
+        self._init_with_quamba_mixers(vllm_config, prefix, MambaMixer, QuambaW4A16Mixer)
+        self.quamba_mixers = []  # no renamed parameters for the completeness check to map
+        shapes = MambaShapes.from_config(vllm_config.model_config.hf_config.to_dict())
+        table = mamba1_mixer_tensors(shapes, "w4a16")
+        self.checkpoint_specs = {
+            mixer_prefix(layer) + rel: spec for layer in range(shapes.num_layers) for rel, spec in table.items()
+        }
 
 
 def _checked_stream(

@@ -1,0 +1,223 @@
+"""The CPU fast paths of the Quamba2 SSM (numba) against the torch references.
+
+Tolerances. The fast path quantizes at the same points with the same fp32 scales and
+reciprocals, but sums in another order (the conv taps, y = state . C, the chunked scan vs the
+token recurrence, the Hadamard base matmul) and its exp may differ from torch's in the last
+ulp. So:
+- int8 results (states) may differ by one step where the reference's fp32 value sits within
+  rounding error of a rounding tie: never by more than 1, and in at most MAX_TIE_FRACTION of
+  the entries (a value within ~1e-5 quant steps of a tie: about 1e-5 of random entries);
+- fp32 outputs agree to rtol = atol = 1e-4 (fp32 reassociation over at most a few hundred
+  terms of unit scale is ~1e-6; 1e-4 leaves room for the exp differences compounding through
+  the decays), except where an int8 intermediate (x, B, C, z) flipped at a tie: one flip of B
+  or C moves a whole group's outputs by a quantization step, so up to MAX_FLIPPED_OUTPUTS of
+  the outputs may miss the tolerance.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from vllm_quamba.kernels.hadamard import hadamard_transform_ref
+from vllm_quamba.kernels.quamba2_ssm import (
+    Quamba2SSMParams,
+    quamba2_ssm_decode_cpu,
+    quamba2_ssm_decode_ref,
+    quamba2_ssm_prefill_cpu,
+    quamba2_ssm_prefill_ref,
+)
+
+MAX_TIE_FRACTION = 1e-3
+MAX_FLIPPED_OUTPUTS = 0.02
+RTOL = ATOL = 1e-4
+
+NUM_HEADS, HEAD_DIM, STATE_SIZE, N_GROUPS, KERNEL = 6, 8, 16, 2, 4
+INTERMEDIATE = NUM_HEADS * HEAD_DIM  # 48 = 12 * 4: a Hadamard size with a non-trivial base
+CONV_DIM = INTERMEDIATE + 2 * N_GROUPS * STATE_SIZE
+IN_PROJ_DIM = INTERMEDIATE + CONV_DIM + NUM_HEADS
+NUM_SLOTS = 7
+
+
+def _params(g: torch.Generator, chunk_size: int = 8) -> Quamba2SSMParams:
+    """Random layer parameters with scales that put typical values mid-range in int8."""
+
+    def positive(*shape, low=0.5, high=1.5):
+        return low + (high - low) * torch.rand(*shape, generator=g)
+
+    # A few distinct state-scale rows shared by many (head, dim) rows, as the checkpoint's
+    # group scales expand to.
+    distinct_rows = 0.02 * positive(3, STATE_SIZE)
+    row_choice = torch.randint(0, 3, (NUM_HEADS * HEAD_DIM,), generator=g)
+    return Quamba2SSMParams(
+        intermediate_size=INTERMEDIATE, n_groups=N_GROUPS, state_size=STATE_SIZE,
+        head_dim=HEAD_DIM, chunk_size=chunk_size, norm_eps=1e-5,
+        z_scale=torch.tensor([3.0 / 127]),
+        dt_scale=torch.tensor([2.0 / 127]),
+        xbc_in_scale=3.0 / 127 * positive(CONV_DIM),
+        conv_weight=0.5 * torch.randn(CONV_DIM, KERNEL, generator=g),
+        conv_bias=0.1 * torch.randn(CONV_DIM, generator=g),
+        xbc_out_scale=2.0 / 127 * positive(CONV_DIM),
+        A=-positive(NUM_HEADS, low=0.1, high=2.0),
+        D=torch.randn(NUM_HEADS, generator=g),
+        dt_bias=torch.randn(NUM_HEADS, generator=g) - 1.0,
+        norm_weight=positive(INTERMEDIATE),
+        state_scale=distinct_rows[row_choice].reshape(NUM_HEADS, HEAD_DIM, STATE_SIZE),
+    )  # fmt: skip
+
+
+def _caches(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    conv = torch.randint(-128, 128, (NUM_SLOTS, KERNEL - 1, CONV_DIM), generator=g, dtype=torch.int8)
+    ssm = torch.randint(-128, 128, (NUM_SLOTS, NUM_HEADS, HEAD_DIM, STATE_SIZE), generator=g, dtype=torch.int8)
+    return conv, ssm
+
+
+def _assert_int8_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    diff = (actual.int() - expected.int()).abs()
+    assert diff.max() <= 1, f"int8 results differ by {diff.max()} steps"
+    fraction = (diff > 0).float().mean().item()
+    assert fraction <= MAX_TIE_FRACTION, f"{fraction:.2%} of int8 results differ"
+
+
+def _assert_mostly_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    far = ~torch.isclose(actual, expected, rtol=RTOL, atol=ATOL)
+    fraction = far.float().mean().item()
+    assert fraction <= MAX_FLIPPED_OUTPUTS, (
+        f"{fraction:.2%} of outputs off; worst {(actual - expected).abs().max():.3g}"
+    )
+
+
+def _projected(g: torch.Generator, tokens: int, gain: float = 1.0) -> torch.Tensor:
+    return gain * 1.5 * torch.randn(tokens, IN_PROJ_DIM, generator=g)
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+@pytest.mark.parametrize("gain", [1.0, 30.0], ids=["typical", "saturating"])
+def test_decode_matches_reference(rotate, gain):
+    g = torch.Generator().manual_seed(1)
+    p = _params(g)
+    conv, ssm = _caches(g)
+    slots = torch.tensor([5, 1, 3, 0])  # distinct, unordered, not all slots
+    zxbcdt = _projected(g, len(slots), gain)
+    y_ref, conv_ref, ssm_ref = quamba2_ssm_decode_ref(zxbcdt, p, conv[slots], ssm[slots])
+    conv_before, ssm_before = conv.clone(), ssm.clone()
+
+    out = quamba2_ssm_decode_cpu(zxbcdt, p, conv, ssm, slots, rotate_output=rotate)
+
+    _assert_mostly_close(out, hadamard_transform_ref(y_ref) if rotate else y_ref)
+    assert torch.equal(conv[slots], conv_ref)  # the int8 inputs themselves: exact
+    _assert_int8_close(ssm[slots], ssm_ref)
+    untouched = torch.tensor([s not in slots for s in range(NUM_SLOTS)])
+    assert torch.equal(conv[untouched], conv_before[untouched])
+    assert torch.equal(ssm[untouched], ssm_before[untouched])
+
+
+def test_decode_reads_strided_cache_views():
+    """vLLM's caches are views into shared pages (conv possibly transposed, "DS" layout)."""
+    g = torch.Generator().manual_seed(2)
+    p = _params(g)
+    conv, ssm = _caches(g)
+    # Conv slots stored (dim, K-1), viewed as (K-1, dim); each slot padded in a page.
+    pages = torch.zeros(NUM_SLOTS, CONV_DIM, KERNEL + 2, dtype=torch.int8)
+    conv_view = pages[:, :, 1:KERNEL].transpose(1, 2)
+    conv_view.copy_(conv)
+    ssm_pages = torch.zeros(NUM_SLOTS, NUM_HEADS * HEAD_DIM * STATE_SIZE + 40, dtype=torch.int8)
+    ssm_view = ssm_pages[:, 40:].view(NUM_SLOTS, NUM_HEADS, HEAD_DIM, STATE_SIZE)
+    ssm_view.copy_(ssm)
+    slots = torch.tensor([6, 2])
+    zxbcdt = _projected(g, len(slots))
+
+    out_plain = quamba2_ssm_decode_cpu(zxbcdt, p, conv, ssm, slots)
+    out_views = quamba2_ssm_decode_cpu(zxbcdt, p, conv_view, ssm_view, slots)
+
+    assert torch.equal(out_views, out_plain)  # same kernel, same arithmetic: bitwise
+    assert torch.equal(conv_view, conv)
+    assert torch.equal(ssm_view, ssm)
+    assert not pages[:, :, 0].any() and not pages[:, :, KERNEL:].any()  # padding untouched
+    assert not ssm_pages[:, :40].any()
+
+
+def _prefill_ref_all(zxbcdt, p, starts, slots, has_initial, conv, ssm):
+    ys = []
+    for i, slot in enumerate(slots.tolist()):
+        init = (conv[slot], ssm[slot]) if has_initial[i] else (None, None)
+        y, conv_new, ssm_new = quamba2_ssm_prefill_ref(zxbcdt[starts[i] : starts[i + 1]], p, *init)
+        ys.append(y)
+        conv[slot], ssm[slot] = conv_new, ssm_new
+    return torch.cat(ys)
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+@pytest.mark.parametrize("gain", [1.0, 30.0], ids=["typical", "saturating"])
+def test_prefill_of_a_mixed_batch_matches_reference(rotate, gain):
+    g = torch.Generator().manual_seed(3)
+    p = _params(g, chunk_size=8)
+    conv, ssm = _caches(g)
+    # Lengths shorter than the conv window, equal to a chunk and spanning several chunks.
+    lengths = [1, 2, 8, 21]
+    starts = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    slots = torch.tensor([4, 0, 6, 2])
+    has_initial = torch.tensor([True, False, True, False])
+    zxbcdt = _projected(g, int(starts[-1]), gain)
+    conv_ref, ssm_ref = conv.clone(), ssm.clone()
+    y_ref = _prefill_ref_all(zxbcdt, p, starts.tolist(), slots, has_initial.tolist(), conv_ref, ssm_ref)
+
+    out = quamba2_ssm_prefill_cpu(zxbcdt, p, conv, ssm, starts, slots, has_initial, rotate_output=rotate)
+
+    _assert_mostly_close(out, hadamard_transform_ref(y_ref) if rotate else y_ref)
+    assert torch.equal(conv, conv_ref)
+    _assert_int8_close(ssm, ssm_ref)
+
+
+def test_chunked_prefill_continues_from_the_cached_states():
+    """A prompt split over two steps (vLLM's chunked prefill), then a decode step."""
+    g = torch.Generator().manual_seed(4)
+    p = _params(g, chunk_size=4)
+    conv, ssm = _caches(g)
+    conv_ref, ssm_ref = conv.clone(), ssm.clone()
+    slot = torch.tensor([3])
+    zxbcdt = _projected(g, 14)
+    pieces = [(zxbcdt[:9], False), (zxbcdt[9:13], True)]
+    for piece, continued in pieces:
+        starts = torch.tensor([0, len(piece)])
+        out = quamba2_ssm_prefill_cpu(piece, p, conv, ssm, starts, slot, torch.tensor([continued]))
+        y_ref = _prefill_ref_all(piece, p, [0, len(piece)], slot, [continued], conv_ref, ssm_ref)
+        _assert_mostly_close(out, y_ref)
+        assert torch.equal(conv, conv_ref)
+        _assert_int8_close(ssm, ssm_ref)
+    out = quamba2_ssm_decode_cpu(zxbcdt[13:], p, conv, ssm, slot)
+    y_ref, _, _ = quamba2_ssm_decode_ref(zxbcdt[13:], p, conv_ref[slot], ssm_ref[slot])
+    _assert_mostly_close(out, y_ref)
+
+
+def test_decode_equals_one_token_prefill_from_the_same_states():
+    """Both kernels run the same arithmetic on a single token: bitwise equal outputs."""
+    g = torch.Generator().manual_seed(5)
+    p = _params(g)
+    conv, ssm = _caches(g)
+    conv_prefill, ssm_prefill = conv.clone(), ssm.clone()
+    slot = torch.tensor([2])
+    zxbcdt = _projected(g, 1)
+
+    y_decode = quamba2_ssm_decode_cpu(zxbcdt, p, conv, ssm, slot)
+    y_prefill = quamba2_ssm_prefill_cpu(
+        zxbcdt, p, conv_prefill, ssm_prefill, torch.tensor([0, 1]), slot, torch.tensor([True])
+    )
+
+    assert torch.equal(y_decode, y_prefill)
+    assert torch.equal(conv, conv_prefill)
+    assert torch.equal(ssm, ssm_prefill)
+
+
+@pytest.mark.parametrize("size", [4, 48, 64, 320, 448, 1536])
+def test_fused_hadamard_matches_reference(size):
+    """The kernels' in-place Hadamard pass (with and without its 8-value first passes) on its
+    own. Its butterflies add in the reference's order; only the base-matrix sums may be
+    ordered differently: fp32 rounding of sums of at most 40 terms, rtol = atol = 1e-5."""
+    from vllm_quamba.kernels import _quamba2_ssm_numba
+    from vllm_quamba.kernels.hadamard import _base_matrix, _base_order
+
+    x = torch.randn(size, generator=torch.Generator().manual_seed(6))
+    row = x.numpy().copy()
+    base = _base_matrix(_base_order(size)).float().numpy()
+    _quamba2_ssm_numba._hadamard(row, base, np.float32(size**-0.5), np.empty(size, dtype=np.float32))
+    torch.testing.assert_close(torch.from_numpy(row), hadamard_transform_ref(x), rtol=1e-5, atol=1e-5)
