@@ -11,11 +11,13 @@ from .vllm_runner import greedy_in_subprocess
 
 NEW_TOKENS = 32
 # Runtime and reference quantize at the same points with the same scales; they differ only in
-# fp32 summation order (oneDNN int8 GEMM with exact int32 sums vs torch, vLLM's batching).
-# That moves a value across an int8 rounding boundary now and then: one activation off by one
-# step (< 1% of its range) moves logprobs by ~1e-3. 2e-2 leaves a margin of ~10x and is still
-# far below what a wrong scale, permutation or state update does (>> 0.1).
-LOGPROB_ATOL = 2e-2
+# fp32 summation order (the numba SSM and linear kernels vs torch, vLLM's batching). That
+# moves a value across an int8 rounding boundary now and then: one activation off by one step
+# (< 1% of its range) moves logprobs by ~1e-3 typically; the worst measured on this 128-wide
+# model is one out_proj-input element on a tie (layer 2, decode step 15): 0.021 in the top-5.
+# 5e-2 leaves a margin of ~2x and is still far below what a wrong scale, permutation or state
+# update does (>> 0.1).
+LOGPROB_ATOL = 5e-2
 
 
 def heldout_prompts(tokenizer, count=8, length=16) -> list[list[int]]:

@@ -308,10 +308,16 @@ def check_checkpoint_headers(model_dir: str, hf_config: dict[str, Any]) -> None:
 
     headers: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
     for path in sorted(glob.glob(os.path.join(model_dir, "*.safetensors"))):
-        with safe_open(path, framework="pt") as f:
-            for name in f.keys():
-                piece = f.get_slice(name)
-                headers[name] = (tuple(piece.get_shape()), _SAFETENSORS_DTYPES.get(piece.get_dtype(), piece.get_dtype()))
+        try:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    piece = f.get_slice(name)
+                    headers[name] = (tuple(piece.get_shape()), _SAFETENSORS_DTYPES.get(piece.get_dtype(), piece.get_dtype()))
+        except Exception as exc:  # safetensors raises its own error types, naming no file
+            raise QuambaFormatError(
+                f"{path}: unreadable safetensors file ({exc}); the checkpoint is truncated or "
+                "corrupt: copy or convert it again"
+            ) from exc
     if not headers:
         return  # not a local safetensors checkpoint: the worker's checks still apply
     section = quamba_section(hf_config["quantization_config"])
@@ -331,7 +337,8 @@ def check_checkpoint_headers(model_dir: str, hf_config: dict[str, Any]) -> None:
         )
         if unknown:
             raise QuambaFormatError(
-                f"quamba checkpoint has unknown mixer tensor(s) {unknown[:8]}"
+                f"quamba checkpoint has unknown mixer tensor(s) {unknown[:8]}: it was written by "
+                "another version of vllm-quamba; convert it again with this version"
             )
     for name, (shape, dtype) in head_to_toe_tensors(section, hf_config["vocab_size"], shapes.hidden_size).items():
         if name not in headers:

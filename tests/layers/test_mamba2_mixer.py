@@ -23,6 +23,7 @@ import vllm_quamba.layers.mamba2_mixer as mixer_mod  # noqa: E402
 import vllm_quamba.layers.checkpoint_tensors as batch_mod  # noqa: E402  (where the mixers read the forward context)
 from vllm_quamba.config import QuambaConfig  # noqa: E402
 from vllm_quamba.format import QuambaFormatError, mamba2_mixer_tensors, mixer_prefix  # noqa: E402
+from vllm_quamba.kernels.hadamard import hadamard_transform_ref  # noqa: E402
 from vllm_quamba.kernels.quamba2_ssm import quamba2_ssm_decode_ref, quamba2_ssm_prefill_ref  # noqa: E402
 from vllm_quamba.layers.checkpoint_tensors import vllm_relative_name  # noqa: E402
 from vllm_quamba.layers.mamba2_mixer import QuambaMixer2  # noqa: E402
@@ -163,6 +164,18 @@ def _random_int8(shape, gen):
     return torch.randint(-60, 61, shape, generator=gen, dtype=torch.int32).to(torch.int8)
 
 
+def _assert_output_matches(output, y):
+    """On the CPU, conv_ssm_forward runs the numba kernels, which end with the online Hadamard
+    transform (forward skips it) and sum in another fp32 order than the references: 1e-5
+    (tests/kernels/test_quamba2_ssm_cpu.py states the kernels' tolerances)."""
+    torch.testing.assert_close(output, hadamard_transform_ref(y), rtol=1e-5, atol=1e-5)
+
+
+def _assert_ssm_state_matches(state, expected):
+    """int8 states: one step apart at most, where the reference sits on a rounding tie."""
+    assert (state.int() - expected.int()).abs().max() <= 1
+
+
 def test_conv_ssm_forward_mixed_batch_matches_references(loaded_mixer, monkeypatch):
     mixer, p = loaded_mixer, loaded_mixer.ssm_params
     s = mixer.shapes
@@ -190,16 +203,16 @@ def test_conv_ssm_forward_mixed_batch_matches_references(loaded_mixer, monkeypat
     y, conv, ssm = quamba2_ssm_decode_ref(
         projected[:nd], p, before[0][decode_slots], before[1][decode_slots]
     )
-    torch.testing.assert_close(output[:nd], y, rtol=0, atol=0)
+    _assert_output_matches(output[:nd], y)
     torch.testing.assert_close(conv_cache[decode_slots], conv, rtol=0, atol=0)
-    torch.testing.assert_close(ssm_cache[decode_slots], ssm, rtol=0, atol=0)
+    _assert_ssm_state_matches(ssm_cache[decode_slots], ssm)
     start = nd
     for slot, length, has_initial in prefills:
         init = (before[0][slot], before[1][slot]) if has_initial else (None, None)
         y, conv, ssm = quamba2_ssm_prefill_ref(projected[start:start + length], p, *init)
-        torch.testing.assert_close(output[start:start + length], y, rtol=0, atol=0)
+        _assert_output_matches(output[start:start + length], y)
         torch.testing.assert_close(conv_cache[slot], conv, rtol=0, atol=0)
-        torch.testing.assert_close(ssm_cache[slot], ssm, rtol=0, atol=0)
+        _assert_ssm_state_matches(ssm_cache[slot], ssm)
         start += length
     assert torch.equal(output[n_tokens:], torch.zeros_like(output[n_tokens:]))
     untouched = [3]
@@ -229,7 +242,7 @@ def test_continued_prefill_equals_one_long_prefill(loaded_mixer, monkeypatch):
     # the conv state holds the last K-1 int8 inputs, whatever the chunking
     assert torch.equal(mixer.kv_cache[0][1], conv_once)
     y_first, _, _ = quamba2_ssm_prefill_ref(projected[:5], p, None, None)
-    torch.testing.assert_close(out[:5], y_first, rtol=0, atol=0)
+    _assert_output_matches(out[:5], y_first)
 
 
 def test_profile_run_without_metadata_writes_zeros(loaded_mixer, monkeypatch):

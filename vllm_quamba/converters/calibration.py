@@ -32,7 +32,10 @@ def _read_documents(source: str) -> list[str]:
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            raise CalibrationDataError(f"calibration file {path} is unreadable ({exc})") from exc
+            raise CalibrationDataError(
+                f"calibration file {path} is unreadable ({exc}): --calib takes a UTF-8 .txt file "
+                "(documents separated by blank lines) or a .jsonl file (a 'text' field per line)"
+            ) from exc
         if path.suffix == ".jsonl":
             return [_jsonl_text(path, n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
         return [doc for doc in text.split("\n\n") if doc.strip()]
@@ -67,7 +70,10 @@ def calibration_samples(source: str, tokenizer, num_samples: int, seqlen: int) -
     """Up to ``num_samples`` token windows of ``seqlen`` from the documents, joined by EOS."""
     documents = _read_documents(source)
     if not documents:
-        raise CalibrationDataError(f"calibration source {source!r} holds no text")
+        raise CalibrationDataError(
+            f"calibration source {source!r} holds no text: give --calib a file with text in it, "
+            "or leave --calib out to use the embedded calibration set"
+        )
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids: list[int] = []
     for doc in documents:

@@ -109,7 +109,7 @@ def _check_shapes(source: SourceModel) -> Mamba2Shapes:
         if not is_supported_hadamard_size(size):
             raise QuantizeError(
                 f"{what} {size} is not a size the Hadamard transform supports "
-                "(2^k, 12*2^k, 20*2^k, 28*2^k or 40*2^k)"
+                "(2^k, 12*2^k, 20*2^k, 28*2^k or 40*2^k); choose a model with a supported size"
             )
     heads_per_group = shapes.num_heads // shapes.n_groups
     if heads_per_group < HEAD_GROUPS or shapes.head_dim < DIM_GROUPS:
@@ -295,6 +295,9 @@ def _write_checkpoint(out_dir: Path, config: dict, tensors: dict, tokenizer_dir:
         if out_dir.exists() and overwrite:
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise QuantizeError(f"writing {out_dir} failed ({exc}); nothing was written: free space and run again") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -182,6 +182,44 @@ def _mamba_ssm_tensor_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch
     return renamed
 
 
+def _expected_shapes(model_dir: Path, cfg: dict[str, Any], arch: str, mamba_ssm: bool) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor the transformers model of this config holds (built on the
+    meta device, so it costs no memory)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.for_model(**cfg) if mamba_ssm else AutoConfig.from_pretrained(model_dir)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as exc:  # transformers' config validation: wrong types, inconsistent sizes
+        raise SourceModelError(f"{model_dir}/config.json does not describe a valid {arch} ({exc})") from exc
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def _check_tensors(model_dir: Path, tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]]) -> None:
+    """The weights are exactly the config's tensors, at its shapes, and finite."""
+    mismatch = "the weights do not match config.json: re-download or re-export the checkpoint"
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise SourceModelError(f"{model_dir}: missing tensor(s) {missing[:8]}; {mismatch}")
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise SourceModelError(f"{model_dir}: unexpected tensor(s) {unexpected[:8]}; {mismatch}")
+    misshapen = [
+        f"{name} has shape {tuple(t.shape)}, config says {expected[name]}"
+        for name, t in sorted(tensors.items())
+        if tuple(t.shape) != expected[name]
+    ]
+    if misshapen:
+        raise SourceModelError(f"{model_dir}: {'; '.join(misshapen[:4])}; {mismatch}")
+    non_finite = [name for name, t in sorted(tensors.items()) if not torch.isfinite(t).all()]
+    if non_finite:
+        raise SourceModelError(
+            f"{model_dir}: tensor(s) {non_finite[:8]} contain NaN or Inf; the source weights are "
+            "damaged: re-download the checkpoint, or fix the training run that wrote it"
+        )
+
+
 def _find_tokenizer(model_dir: Path, tokenizer: str | Path | None, mamba_ssm: bool) -> Path | None:
     if tokenizer is not None:
         return resolve_model_dir(tokenizer)
@@ -208,6 +246,7 @@ def load_source(model: str | Path, tokenizer: str | Path | None = None) -> Sourc
         tensors = _mamba_ssm_tensor_names(tensors)
     cfg = {**cfg, "architectures": [arch]}
     tensors = {name: t.float() for name, t in tensors.items()}
-    if "lm_head.weight" not in tensors:  # tied: transformers saves only the embedding
-        tensors["lm_head.weight"] = tensors["backbone.embeddings.weight"]
+    if "lm_head.weight" not in tensors and "backbone.embeddings.weight" in tensors:
+        tensors["lm_head.weight"] = tensors["backbone.embeddings.weight"]  # tied: only the embedding is saved
+    _check_tensors(model_dir, tensors, _expected_shapes(model_dir, cfg, arch, mamba_ssm))
     return SourceModel(cfg, tensors, _find_tokenizer(model_dir, tokenizer, mamba_ssm))

@@ -231,9 +231,9 @@ class QuambaMixer2(CheckpointTensorsMixin, MambaMixer2):
         return output
 
     def conv_ssm_forward(self, projected_states: torch.Tensor, output: torch.Tensor) -> None:
+        """in_proj output -> gated-norm output, written into ``output`` (int8 states updated)."""
         if self.fp_ssm:
             return MambaMixer2.conv_ssm_forward(self, projected_states, output)
-        """in_proj output -> gated-norm output, written into ``output`` (int8 states updated)."""
         batch = self.batch_state_caches(output)
         if batch is None:
             return
