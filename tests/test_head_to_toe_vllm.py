@@ -15,8 +15,9 @@ import pytest
 import torch
 from compressed_tensors.compressors import pack_to_int32
 
-from tests.converters.test_head_to_toe import head_to_toe_checkpoint, simulated
-from tests.served_agreement import check_same_context_agreement, full_sequence, serve_greedy, stepwise
+from tests.converters.test_head_to_toe import head_to_toe_checkpoint
+from tests.converters.test_w4 import simulated
+from tests.served_agreement import check_same_context_agreement, serve_greedy, stepwise
 from tests.test_plugin import engine_env  # noqa: F401  (the module's autouse env fixture)
 
 # (95% of steps within, every step within), in logprob. W4A16 runs the fp SSM: runtime and
@@ -64,9 +65,7 @@ def test_embedding_and_lm_head_run_the_quamba_methods(served):
 @pytest.mark.vllm
 def test_greedy_matches_simulated_reference_on_the_same_context(served):
     recipe, directory, prompts, _, tokens, logprobs = served
-    # W4A16's reference (tests/converters/test_head_to_toe.py) is the fp model: one forward
-    want = (full_sequence if recipe == "w4a16" else stepwise)(simulated(directory))
-    check_same_context_agreement(want, prompts, tokens, logprobs, *TOLERANCES[recipe])
+    check_same_context_agreement(stepwise(simulated(directory)), prompts, tokens, logprobs, *TOLERANCES[recipe])
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from vllm_quamba.converters import transforms
 from vllm_quamba.converters.cli import main as cli_main
 from vllm_quamba.converters.quantize import QuantizeError, quantize
-from vllm_quamba.converters.simulate import Mamba2Reference, QuantizedMamba2Reference
+from vllm_quamba.converters.simulate import Mamba2Reference
 from vllm_quamba.converters.source import load_source
 from vllm_quamba.format import (
     EMBEDDING,
@@ -31,6 +31,7 @@ from vllm_quamba.format import (
 
 from ..conftest import TINY_MAMBA1, TINY_MAMBA2
 from .test_quality import heldout_windows, perplexity
+from .test_w4 import simulated
 
 QUALITY_BAR = {"w8a8": 0.02, "w4a16": 0.04}
 EXPECTED = {  # recipe -> (quamba.embedding, quamba.lm_head), Quamba2's choices
@@ -54,14 +55,6 @@ def head_to_toe_checkpoint(tmp_path_factory, recipe: str):
             **CALIBRATION.get(recipe, {}),
         )
     return _CHECKPOINTS[recipe]
-
-
-def simulated(directory):
-    """The simulated model of a checkpoint: W4A16 runs the fp SSM, the others the int8 one."""
-    config = json.loads((directory / "config.json").read_text())
-    if config["quantization_config"]["quamba"]["recipe"] == "w4a16":
-        return Mamba2Reference(config, load_file(directory / "model.safetensors"), online_hadamard=True)
-    return QuantizedMamba2Reference.from_checkpoint(directory)
 
 
 @pytest.mark.parametrize("recipe", ["w8a8", "w4a8", "w4a16"])

@@ -151,23 +151,11 @@ class QuambaMixer(CheckpointTensorsMixin, MambaMixer):
         )
 
         # The four linears again, now with the quant config (the schemes of its config groups).
-        # in_proj is one plain column linear: the checkpoint holds it as one [2I, D] tensor.
         # dt_proj has no bias: the source's fp bias is the checkpoint's int8 dt_bias.
-        self.in_proj = ColumnParallelLinear(
-            hidden_size, 2 * intermediate_size, bias=False,
-            quant_config=quant_config, prefix=f"{prefix}.in_proj",
-        )  # fmt: skip
-        self.x_proj = RowParallelLinear(
-            intermediate_size, self.shapes.x_proj_dim, bias=False,
-            quant_config=quant_config, prefix=f"{prefix}.x_proj",
-        )  # fmt: skip
+        rebuild_quantized_linears(self, hidden_size, self.shapes.x_proj_dim, quant_config, prefix)
         self.dt_proj = ColumnParallelLinear(
             time_step_rank, intermediate_size, bias=False,
             quant_config=quant_config, prefix=f"{prefix}.dt_proj",
-        )  # fmt: skip
-        self.out_proj = RowParallelLinear(
-            intermediate_size, hidden_size, bias=False, input_is_parallel=True,
-            quant_config=quant_config, prefix=f"{prefix}.out_proj",
         )  # fmt: skip
 
         # Drop the stock fp SSM parameters (conv1d Linear, A, D) and register the format's
@@ -269,6 +257,27 @@ class QuambaMixer(CheckpointTensorsMixin, MambaMixer):
         output[:num_tokens] = self.out_proj(y.to(hidden_states.dtype))[0]
 
 
+def rebuild_quantized_linears(
+    mixer: MambaMixer, hidden_size: int, x_proj_dim: int, quant_config, prefix: str
+) -> None:
+    """Rebuild a Mamba1 mixer's in_proj, x_proj and out_proj with the quant config (the stock
+    mixer builds its linears without one). in_proj is one plain column linear: the checkpoint
+    holds it as one [2I, D] tensor."""
+    intermediate_size = mixer.intermediate_size
+    mixer.in_proj = ColumnParallelLinear(
+        hidden_size, 2 * intermediate_size, bias=False,
+        quant_config=quant_config, prefix=f"{prefix}.in_proj",
+    )  # fmt: skip
+    mixer.x_proj = RowParallelLinear(
+        intermediate_size, x_proj_dim, bias=False,
+        quant_config=quant_config, prefix=f"{prefix}.x_proj",
+    )  # fmt: skip
+    mixer.out_proj = RowParallelLinear(
+        intermediate_size, hidden_size, bias=False, input_is_parallel=True,
+        quant_config=quant_config, prefix=f"{prefix}.out_proj",
+    )  # fmt: skip
+
+
 class QuambaW4A16Mixer(MambaMixer):
     """Mamba1 mixer of a quamba W4A16 checkpoint: the stock fp SSM (conv1d, scan, fp dt_proj
     and states), with in_proj, x_proj and out_proj rebuilt with the quant config (4-bit
@@ -286,19 +295,7 @@ class QuambaW4A16Mixer(MambaMixer):
         if self.in_proj.bias is not None:
             raise NotImplementedError("quamba Mamba1 mixers have no in_proj/out_proj bias")
         quant_config = get_current_vllm_config().quant_config
-        hidden_size, intermediate_size = self.in_proj.input_size, self.intermediate_size
-        self.in_proj = ColumnParallelLinear(
-            hidden_size, 2 * intermediate_size, bias=False,
-            quant_config=quant_config, prefix=f"{prefix}.in_proj",
-        )  # fmt: skip
-        self.x_proj = RowParallelLinear(
-            intermediate_size, self.x_proj.output_size, bias=False,
-            quant_config=quant_config, prefix=f"{prefix}.x_proj",
-        )  # fmt: skip
-        self.out_proj = RowParallelLinear(
-            intermediate_size, hidden_size, bias=False, input_is_parallel=True,
-            quant_config=quant_config, prefix=f"{prefix}.out_proj",
-        )  # fmt: skip
+        rebuild_quantized_linears(self, self.in_proj.input_size, self.x_proj.output_size, quant_config, prefix)
         self.online_hadamard = quamba_online_hadamard(quant_config)
         self.out_proj.register_forward_pre_hook(self._out_proj_input)
 
