@@ -1,12 +1,14 @@
 """Throughput and memory of stock vLLM (float32, bfloat16) beside each quamba recipe.
 
-    python benchmarks/throughput.py --model mamba2-130m --configs fp32,bf16,w8a8 \\
+    python benchmarks/throughput.py --model mamba2-130m --configs fp32,bf16,w8a8,w8a8-h2t \\
         --batch-sizes 1,16,64 --prompt-len 128 --output-len 128 --repeats 3
 
 Each configuration runs in its own engine, in its own process tree
 (``benchmarks/_engine_worker.py``), with ``LLM(...).generate`` and
 ``SamplingParams(temperature=0, ignore_eos=True, max_tokens=...)`` on random prompt token ids.
-``fp32`` is always run: it is the baseline of every ratio.
+``fp32`` is always run: it is the baseline of every ratio. ``<recipe>-h2t`` (w8a8, w4a8, w4a16)
+quantizes "head to toe": the recipe plus ``quantize_embedding=True, quantize_lm_head=True``
+(Mamba2 only; asked of a Mamba1 model, the script refuses before any engine runs).
 
 What each number means (B = batch size, L = ``--prompt-len``, N = ``--output-len``):
 
@@ -16,13 +18,21 @@ What each number means (B = batch size, L = ``--prompt-len``, N = ``--output-len
   ``generate`` of B fresh prompts of L tokens with ``max_tokens=N``: the N-1 tokens after the
   first, each a decode step over the whole batch. Medians are taken over ``--repeats``
   repetitions after one untimed warm-up ``generate`` per batch size.
-* weight bytes: from the safetensors files: every tensor's element count times its element
-  size as loaded, floating-point tensors at the engine dtype for stock configurations and as
-  stored for quamba (whose engine runs in float32); a tied lm_head is stored, and counted, once.
-  For quamba these are the checkpoint's bytes (int8, packed int4): what its kernels are meant to
-  stream; a runtime that dequantizes weights at load time holds more than this.
-  (vLLM-CPU repacks fp weights into opaque oneDNN handles, so the module's parameters cannot be
-  summed.)
+* disk weight bytes: from the safetensors files: every tensor's element count times its
+  element size as loaded, floating-point tensors at the engine dtype for stock configurations
+  and as stored for quamba (whose engine runs in float32); a tied lm_head is stored, and
+  counted, once. For quamba these are the checkpoint's bytes (int8, packed int4): what its
+  kernels are meant to stream.
+* resident weight bytes: what the loaded model keeps, measured inside the engine's model
+  worker after the timed runs (``_engine_worker.py``): every distinct memory span of the
+  parameters, buffers and the tensors / numpy arrays that layers and kernels keep (dequantized
+  SSM parameters, the numba kernels' arrays), deduplicated by address, the Mamba state cache
+  left out; plus, for each oneDNN matmul handle (vLLM-CPU packs fp linears and the lm_head into
+  them, and keeps the lm_head's weight beside its handle), k * n * element size, an estimate of
+  the packed copy that no tensor shows (marked "*" in the table, the modules listed).
+* worker RSS: the model worker process's resident memory when the resident weight bytes are
+  measured (its libraries, compiled code and state cache as well as the weights): a cross-check
+  between configurations, not a weight figure.
 * state bytes per sequence: the Mamba conv + SSM state of every layer, with the shapes and
   dtypes that the engine's model class reports to vLLM's state cache (int8 for quamba, the
   model dtype or ``--mamba-ssm-cache-dtype`` for stock).
@@ -40,8 +50,9 @@ What each number means (B = batch size, L = ``--prompt-len``, N = ``--output-len
   core for the front end: 1 thread on a 2-core machine), measured while no engine runs.
 * bandwidth bound at B = B * read bandwidth / (weight bytes read per step + B * 2 * state bytes):
   the decode tokens/s if every step only streamed its weights once and read + wrote each
-  sequence's state once. Weight bytes read per step leave out an untied input embedding table
-  (a step gathers B of its rows); "% bound" is decode tokens/s over that bound.
+  sequence's state once. Weight bytes read per step are the disk weight bytes less an untied
+  input embedding table, quantized or not (a step gathers B of its rows and their scales); the
+  lm_head, quantized or not, is read once per step. "% bound" is decode tokens/s over that bound.
 
 Ratios ("x fp32") divide each figure by the fp32 figure of the same run. On a shared machine the
 numbers are noisy: every figure is a median, and the run prints its settings beside them.
@@ -51,11 +62,13 @@ Results go to ``--out-dir`` as JSON and a PNG chart.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import datetime
 import hashlib
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -72,6 +85,17 @@ BASELINE = "fp32"
 MEMORY_SAMPLE_SECONDS = 0.1
 BANDWIDTH_REPEATS = 7
 ENGINE_ENV = {"VLLM_TARGET_DEVICE": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+HEAD_TO_TOE_SUFFIX = "-h2t"
+# w4ax is left out: the benchmark has no per-layer precision to give it.
+HEAD_TO_TOE_RECIPES = ("w8a8", "w4a8", "w4a16")
+MAMBA1_ARCHITECTURE = "MambaForCausalLM"
+# Memory figures of a configuration (each also as a ratio to fp32), by their label in the chart.
+MEMORY_FIGURES = {
+    "disk weights": "disk_weight_bytes",
+    "resident weights": "resident_weight_bytes",
+    "state / seq": "state_bytes_per_sequence",
+    "peak RSS": "peak_rss_bytes",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,10 +106,12 @@ class EngineConfig:
     dtype: str
     mamba_ssm_cache_dtype: str
     recipe: str | None = None  # a quamba recipe: the engine loads the quantized checkpoint
+    head_to_toe: bool = False  # the embedding and lm_head quantized too (Mamba2 only)
 
 
 def engine_configs() -> dict[str, EngineConfig]:
-    """Stock float32/bfloat16 plus one quamba configuration per recipe of the checkpoint format.
+    """Stock float32/bfloat16, one quamba configuration per recipe of the checkpoint format, and
+    the head-to-toe variant ("<recipe>-h2t") of each recipe that needs no per-layer choice.
 
     bf16 keeps vLLM's default SSM state dtype ("auto"), which is what a user gets (vLLM-CPU
     0.32 resets it to float32 for its Mamba2 backend; the results report the dtypes the engine
@@ -98,6 +124,10 @@ def engine_configs() -> dict[str, EngineConfig]:
         "bf16": EngineConfig("bf16", "bfloat16", "auto"),
     }
     configs.update({recipe: EngineConfig(recipe, "float32", "auto", recipe) for recipe in RECIPES})
+    configs.update({
+        f"{recipe}{HEAD_TO_TOE_SUFFIX}": EngineConfig(f"{recipe}{HEAD_TO_TOE_SUFFIX}", "float32", "auto", recipe, True)
+        for recipe in HEAD_TO_TOE_RECIPES
+    })  # fmt: skip
     return configs
 
 
@@ -126,23 +156,42 @@ def source_checkpoint(model: str, work_dir: Path, seed: int) -> tuple[Path, str]
     return path, f"{path.name}-{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
 
 
-def quantized_checkpoint(source: Path, key: str, recipe: str, args) -> Path:
-    """The quamba checkpoint of ``source``, made once per recipe and calibration size."""
+def check_head_to_toe(source: Path, config_names: list[str]) -> None:
+    """Refuse head-to-toe configurations for a Mamba1 model before any engine runs: the
+    converter quantizes the embedding and lm_head of Mamba2 models only."""
+    architectures = json.loads((source / "config.json").read_text()).get("architectures", [])
+    head_to_toe = [name for name in config_names if name.endswith(HEAD_TO_TOE_SUFFIX)]
+    if head_to_toe and MAMBA1_ARCHITECTURE in architectures:
+        raise SystemExit(
+            f"--configs {','.join(head_to_toe)}: the embedding and lm_head are quantized for Mamba2 "
+            f"models only, and {source} is a Mamba1 model ({MAMBA1_ARCHITECTURE}); use the recipes "
+            "without the -h2t suffix"
+        )
+
+
+def quantized_checkpoint(source: Path, key: str, config: EngineConfig, args) -> Path:
+    """The quamba checkpoint of ``source``, made once per configuration and calibration size."""
     from vllm_quamba.converters.quantize import quantize
 
-    path = args.work_dir / "quantized" / f"{key}-{recipe}-calib{args.calib_samples}x{args.calib_seqlen}"
+    path = args.work_dir / "quantized" / f"{key}-{config.name}-calib{args.calib_samples}x{args.calib_seqlen}"
     if not (path / "config.json").is_file():  # quantize() renames a finished directory into place
-        print(f"quantizing {source} with {recipe} into {path}", flush=True)
+        print(f"quantizing {source} with {config.name} into {path}", flush=True)
         start = time.perf_counter()
-        quantize(source, path, recipe=recipe, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen)
+        quantize(
+            source, path, recipe=config.recipe, calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
+            quantize_embedding=config.head_to_toe, quantize_lm_head=config.head_to_toe,
+        )  # fmt: skip
         print(f"  quantized in {time.perf_counter() - start:.0f} s", flush=True)
     return path
 
 
 def weight_bytes(checkpoint: Path, engine_dtype: str, quantized: bool) -> dict[str, int]:
-    """Bytes of the weights as loaded (see the module docstring), and of the untied embedding."""
+    """Bytes of the weights as loaded (see the module docstring), and of the untied embedding
+    (its tensors: ``weight``, or the ``weight_packed`` + ``weight_scale`` of a quantized one)."""
     import torch
     from safetensors import safe_open
+
+    from vllm_quamba.format import EMBEDDING
 
     float_size = torch.tensor([], dtype=getattr(torch, engine_dtype)).element_size()
     config = json.loads((checkpoint / "config.json").read_text())
@@ -157,9 +206,9 @@ def weight_bytes(checkpoint: Path, engine_dtype: str, quantized: bool) -> dict[s
                 dtype = getattr(torch, _SAFETENSORS_DTYPES[tensor.get_dtype()])
                 size = float_size if dtype.is_floating_point and not quantized else dtype.itemsize
                 total += numel * size
-                if name.endswith("embeddings.weight") and not config.get("tie_word_embeddings", False):
+                if name.startswith(EMBEDDING + ".") and not config.get("tie_word_embeddings", False):
                     embedding += numel * size
-    return {"weight_bytes": total, "untied_embedding_bytes": embedding}
+    return {"disk_weight_bytes": total, "untied_embedding_bytes": embedding}
 
 
 # safetensors dtype codes -> torch dtype names (torch is imported only where it is needed).
@@ -267,7 +316,7 @@ def summarize(result: dict, weights: dict[str, int], bandwidth: float, args) -> 
     """Medians, tokens/s and the bandwidth bound for every batch size of one configuration;
     ``bandwidth`` was measured with as many threads as the engine's model process uses."""
     state = result["engine"]["state_bytes_per_sequence"]
-    weight_read = weights["weight_bytes"] - weights["untied_embedding_bytes"]
+    weight_read = weights["disk_weight_bytes"] - weights["untied_embedding_bytes"]
     batches = []
     for run in result["runs"]:
         batch = run["batch_size"]
@@ -285,8 +334,11 @@ def summarize(result: dict, weights: dict[str, int], bandwidth: float, args) -> 
             "bandwidth_bound_tokens_per_s": bound,
             "fraction_of_bound": decode / bound,
         })  # fmt: skip
+    resident = result["engine"]["resident"]
     return {
         **weights,
+        "resident_weight_bytes": resident["resident_weight_bytes"],
+        "resident_detail": {key: value for key, value in resident.items() if key != "resident_weight_bytes"},
         "weight_bytes_read_per_step": weight_read,
         "state_bytes_per_sequence": state,
         "peak_rss_bytes": result["peak_rss_bytes"],
@@ -303,10 +355,7 @@ def add_ratios(summaries: dict[str, dict]) -> None:
     for summary in summaries.values():
         if "error" in summary:
             continue
-        summary["x_fp32"] = {
-            key: summary[key] / base[key]
-            for key in ("weight_bytes", "state_bytes_per_sequence", "peak_rss_bytes")
-        }
+        summary["x_fp32"] = {key: summary[key] / base[key] for key in MEMORY_FIGURES.values()}
         for batch in summary["batches"]:
             ref = base_batches[batch["batch_size"]]
             batch["x_fp32"] = {
@@ -314,31 +363,61 @@ def add_ratios(summaries: dict[str, dict]) -> None:
             }
 
 
+def _name_width(summaries: dict[str, dict]) -> int:
+    return max(map(len, summaries)) + 2
+
+
 def print_table(summaries: dict[str, dict], bandwidths: dict[int, dict[str, float]]) -> None:
     for threads, bandwidth in sorted(bandwidths.items()):
         print(f"\nmemory bandwidth, {threads} threads, medians: read {bandwidth['read'] / 1e9:.2f} GB/s "
               f"(used for the bound), copy {bandwidth['copy'] / 1e9:.2f} GB/s")  # fmt: skip
-    print(f"{'config':<8}{'batch':>6}{'prefill tok/s':>15}{'x fp32':>8}{'decode tok/s':>14}{'x fp32':>8}"
+    width = _name_width(summaries)
+    print(f"{'config':<{width}}{'batch':>6}{'prefill tok/s':>15}{'x fp32':>8}{'decode tok/s':>14}{'x fp32':>8}"
           f"{'bound tok/s':>13}{'% bound':>9}")  # fmt: skip
     for name, summary in summaries.items():
         if "error" in summary:
-            print(f"{name:<8}  failed: {summary['error']}")
+            print(f"{name:<{width}}failed: {summary['error']}")
             continue
         for b in summary["batches"]:
             ratios = b.get("x_fp32", {})
-            print(f"{name:<8}{b['batch_size']:>6}{b['prefill_tokens_per_s']:>15.1f}"
+            print(f"{name:<{width}}{b['batch_size']:>6}{b['prefill_tokens_per_s']:>15.1f}"
                   f"{ratios.get('prefill_tokens_per_s', float('nan')):>8.2f}{b['decode_tokens_per_s']:>14.1f}"
                   f"{ratios.get('decode_tokens_per_s', float('nan')):>8.2f}"
                   f"{b['bandwidth_bound_tokens_per_s']:>13.1f}{100 * b['fraction_of_bound']:>8.1f}%")  # fmt: skip
-    print(f"\n{'config':<8}{'weights MB':>12}{'x fp32':>8}{'state KB/seq':>14}{'x fp32':>8}{'peak RSS MB':>13}{'x fp32':>8}")
+    _print_memory_table(summaries)
+
+
+def _print_memory_table(summaries: dict[str, dict]) -> None:
+    """Disk and resident weight bytes side by side; '*' marks a resident figure that includes
+    an estimate for opaque oneDNN handles (listed below the table)."""
+    width = _name_width(summaries)
+    print(f"\n{'config':<{width}}{'disk MB':>10}{'x fp32':>8}{'resident MB':>13}{'x fp32':>8}{'state KB/seq':>14}"
+          f"{'x fp32':>8}{'peak RSS MB':>13}{'x fp32':>8}{'worker RSS MB':>15}")  # fmt: skip
+    opaque_notes = []
     for name, summary in summaries.items():
         if "error" in summary:
             continue
         ratios = summary.get("x_fp32", {})
-        print(f"{name:<8}{summary['weight_bytes'] / 1e6:>12.2f}{ratios.get('weight_bytes', float('nan')):>8.3f}"
-              f"{summary['state_bytes_per_sequence'] / 1e3:>14.1f}"
-              f"{ratios.get('state_bytes_per_sequence', float('nan')):>8.3f}"
-              f"{summary['peak_rss_bytes'] / 1e6:>13.0f}{ratios.get('peak_rss_bytes', float('nan')):>8.3f}")  # fmt: skip
+        detail = summary["resident_detail"]
+        marker = "*" if detail["opaque_handles"] else " "
+        print(f"{name:<{width}}{summary['disk_weight_bytes'] / 1e6:>10.2f}{ratios.get('disk_weight_bytes', float('nan')):>8.3f}"
+              f"{summary['resident_weight_bytes'] / 1e6:>12.2f}{marker}{ratios.get('resident_weight_bytes', float('nan')):>8.3f}"
+              f"{summary['state_bytes_per_sequence'] / 1e3:>14.1f}{ratios.get('state_bytes_per_sequence', float('nan')):>8.3f}"
+              f"{summary['peak_rss_bytes'] / 1e6:>13.0f}{ratios.get('peak_rss_bytes', float('nan')):>8.3f}"
+              f"{detail['worker_rss_bytes'] / 1e6:>15.0f}")  # fmt: skip
+        if detail["opaque_handles"]:
+            modules = _module_list(handle["module"] for handle in detail["opaque_handles"])
+            opaque_notes.append(f"  {name}: {detail['opaque_handle_bytes_estimate'] / 1e6:.2f} MB in "
+                                f"{len(detail['opaque_handles'])} oneDNN handles ({modules})")  # fmt: skip
+    if opaque_notes:
+        print("* includes k x n x element size for each oneDNN matmul handle, whose packed weight no tensor shows:")
+        print("\n".join(opaque_notes))
+
+
+def _module_list(names) -> str:
+    """Module names with layer numbers folded: "backbone.layers.*.mixer.in_proj x24"."""
+    counts = collections.Counter(re.sub(r"\.\d+\.", ".*.", name) for name in names)
+    return ", ".join(name if count == 1 else f"{name} x{count}" for name, count in counts.items())
 
 
 def plot(summaries: dict[str, dict], title: str, path: Path) -> None:
@@ -364,13 +443,14 @@ def plot(summaries: dict[str, dict], title: str, path: Path) -> None:
         ax.set_title(what)
         ax.legend()
     names = list(ok)
-    memory = {"weights": "weight_bytes", "state / seq": "state_bytes_per_sequence", "peak RSS": "peak_rss_bytes"}
-    for j, (label, key) in enumerate(memory.items()):
-        axes[2].bar([n + j * 0.27 for n in range(len(names))], [ok[n].get("x_fp32", {}).get(key, float("nan")) for n in names], 0.27, label=label)
-    axes[2].set_xticks([n + 0.27 for n in range(len(names))], names)
+    bar = 0.8 / len(MEMORY_FIGURES)
+    for j, (label, key) in enumerate(MEMORY_FIGURES.items()):
+        axes[2].bar([n + j * bar for n in range(len(names))], [ok[n].get("x_fp32", {}).get(key, float("nan")) for n in names], bar, label=label)
+    axes[2].set_xticks([n + bar * (len(MEMORY_FIGURES) - 1) / 2 for n in range(len(names))], names, rotation=30)
     axes[2].axhline(1.0, color="grey", linewidth=0.8)
     axes[2].set_title("memory, ratio to fp32")
-    axes[2].legend()
+    axes[2].set_ylim(top=axes[2].get_ylim()[1] * 1.3)  # room for the legend above the bars
+    axes[2].legend(ncol=2, fontsize="small", loc="upper center")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -390,7 +470,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="tiny-mamba2, tiny-mamba1 (bundled fixtures), mamba2-130m, mamba2-370m, mamba-130m "
                              "(random weights, real shapes) or a checkpoint directory")  # fmt: skip
     parser.add_argument("--configs", type=_csv(str), default=["fp32", "bf16", "w8a8"],
-                        help="comma separated, from: " + ",".join(engine_configs()))  # fmt: skip
+                        help="comma separated, from: " + ",".join(engine_configs()) + f" (<recipe>{HEAD_TO_TOE_SUFFIX}: "
+                             "the embedding and lm_head quantized too; Mamba2 only)")  # fmt: skip
     parser.add_argument("--batch-sizes", type=_csv(int), default=[1, 16, 64])
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
@@ -424,6 +505,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     configs = engine_configs()
     source, key = source_checkpoint(args.model, args.work_dir, args.seed)
+    check_head_to_toe(source, args.configs)
     bandwidths: dict[int, dict[str, float]] = {}  # by thread count: each engine's bound uses its own
     summaries: dict[str, dict] = {}
     raw: dict[str, dict] = {}
@@ -435,7 +517,7 @@ def main(argv: list[str] | None = None) -> dict:
         config = configs[name]
         print(f"[{name}] running", flush=True)
         try:
-            checkpoint = quantized_checkpoint(source, key, config.recipe, args) if config.recipe else source
+            checkpoint = quantized_checkpoint(source, key, config, args) if config.recipe else source
         except ValueError as error:  # e.g. a recipe not implemented yet for this architecture
             summaries[name] = raw[name] = {"error": f"quantize failed: {error}"}
             continue

@@ -110,3 +110,9 @@ def quantized_tiny_mamba1_w4a16(tmp_path_factory) -> Path:
 def quantized_tiny_mamba1_w4a8(tmp_path_factory) -> Path:
     """The trained tiny Mamba1, W4A8 (GPTQ in/out_proj, RTN x_proj, W8A8 dt_proj, int8 SSM)."""
     return _quantize_tiny_mamba1(tmp_path_factory, "w4a8")
+
+
+@pytest.fixture(scope="session")
+def quantized_tiny_mamba1_w4ax(tmp_path_factory) -> Path:
+    """The trained tiny Mamba1, W4AX with half its layers kept at W4A16 by measured sensitivity."""
+    return _quantize_tiny_mamba1(tmp_path_factory, "w4ax", auto_precision=0.5)

@@ -20,7 +20,7 @@ from tests.converters.test_w4 import simulated
 from tests.served_agreement import check_same_context_agreement, serve_greedy, stepwise
 from tests.test_plugin import engine_env  # noqa: F401  (the module's autouse env fixture)
 
-# (95% of steps within, every step within), in logprob. W4A16 runs the fp SSM: runtime and
+# (the median step within, every step within), in logprob. W4A16 runs the fp SSM: runtime and
 # reference differ only in fp32 summation order, so 1e-3 leaves orders of magnitude of margin
 # while a wrong row scale or unpacking misses by whole units. W8A8 quantizes at the same points
 # with the same scales, but a fp32 rounding difference that moves a value across an int8

@@ -24,7 +24,7 @@ import re
 import pytest
 import torch
 
-from tests.test_end_to_end import heldout_prompts
+from tests.served_agreement import heldout_prompts, reference_on
 from tests.test_plugin import (  # noqa: F401  (engine_env: the module's autouse env fixture)
     ENGINE_KWARGS,
     describe_model,
@@ -73,20 +73,6 @@ def quamba1_llm(quantized_tiny_mamba1):
 @pytest.fixture(scope="module")
 def served(quamba1_llm, prompts):
     return greedy(quamba1_llm, prompts, NEW_TOKENS, logprobs=5)
-
-
-def reference_on(reference, prompt: list[int], tokens: list[int], chunk: int | None = None) -> torch.Tensor:
-    """The reference's logprobs at each step, fed ``tokens`` (prefill, in chunks of ``chunk``
-    tokens if given, then one decode each)."""
-    states = None
-    for start in range(0, len(prompt), chunk or len(prompt)):
-        logits, states = reference.prefill(torch.tensor(prompt[start:start + (chunk or len(prompt))]), states)
-    steps = [logits[-1]]
-    states = [(c.unsqueeze(0), s.unsqueeze(0)) for c, s in states]
-    for token in tokens[:-1]:
-        logits, states = reference.decode(torch.tensor([token]), states)
-        steps.append(logits[0])
-    return torch.log_softmax(torch.stack(steps), dim=-1)
 
 
 def test_builds_quamba_mixers_with_int8_states(quamba1_llm):

@@ -182,17 +182,6 @@ def reference(ckpt):
     return QuantizedMamba2Reference.from_checkpoint(ckpt)
 
 
-def teacher_forced_logprobs(ref, prompt: list[int], tokens: list[int]) -> torch.Tensor:
-    """The reference's log-softmax before each of ``tokens``: prefill, then one decode per token."""
-    logits, states = ref.prefill(torch.tensor(prompt))
-    steps = [logits[-1]]
-    states = [(c.unsqueeze(0), s.unsqueeze(0)) for c, s in states]
-    for tok in tokens[:-1]:
-        logits, states = ref.decode(torch.tensor([tok]), states)
-        steps.append(logits[0])
-    return torch.log_softmax(torch.stack(steps), dim=-1)
-
-
 # Different lengths, so that with max_num_seqs=4 a waiting prompt is prefilled in the same
 # batch as the other sequences' decode tokens.
 MAX_TOKENS = [24, 6, 16, 24, 10, 24, 20, 8]
@@ -256,10 +245,12 @@ def test_quamba_flag_and_chunked_prefill(quamba_ckpt):
         tokens, logprobs = greedy(llm, prompts, 16, logprobs=5)
     finally:
         shutdown(llm)
+    from tests.served_agreement import reference_on  # it imports this module's engine helpers
+
     ref = reference(quamba_ckpt)
     worst = 0.0
     for prompt, toks, steps in zip(prompts, tokens, logprobs):
-        want = teacher_forced_logprobs(ref, prompt, toks)
+        want = reference_on(ref, prompt, toks)
         for i, step in enumerate(steps):
             for tok, value in step.items():
                 worst = max(worst, abs(want[i, tok].item() - value))

@@ -71,6 +71,14 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(TINY_MAMBA2)
 
 
+def test_every_configuration_is_implemented_for_the_fixtures(quality):
+    """Every row of the quality table (the naive baselines too) runs on both fixtures: none is
+    listed as n/a."""
+    for model in quality.FIXTURES.values():
+        for config in quality.CONFIGS.values():
+            assert quality.not_implemented(str(model), config) is None, (model.name, config.name)
+
+
 def _evaluate(quality, checkpoint) -> dict:
     args = quality.parse_args(["--limit", str(LIMIT), "--max-model-len", "2048"])
     return quality.evaluate_in_subprocess(str(checkpoint), TASKS, args, log_samples=True)

@@ -9,8 +9,9 @@ static symmetric per-tensor int8 ``input_scale``, which vLLM maps to
 quantization is ``round_half_even(x * (1 / input_scale))`` clamped to [-128, 127]).
 The SSM side (conv1d, scan, state) is handled by ``layers.mamba2_mixer.QuambaMixer2``
 (Mamba2) and ``layers.mamba1_mixer.QuambaMixer`` (Mamba1, whose four mixer linears in_proj,
-x_proj, dt_proj, out_proj are W8A8, or 4-bit but for dt_proj in W4A8), which the model
-classes of ``layers.models`` build when they see this config.
+x_proj, dt_proj, out_proj are W8A8, or 4-bit but for dt_proj: W8A8 in W4A8 layers, fp in W4A16
+ones), one per layer at that layer's precision (``quamba.layer_precision`` for W4AX), which the
+model classes of ``layers.models`` build when they see this config.
 A quantized lm_head (``quamba.lm_head``) is one more linear of those schemes (vLLM's
 ``ParallelLMHead`` path); a quantized embedding (``quamba.embedding``) gets
 ``layers.linear_schemes.QuambaEmbeddingMethod``. The Mamba2 model class rebuilds both with this

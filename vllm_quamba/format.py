@@ -80,9 +80,19 @@ out_proj.input_scale            float32     [1]                          after t
 ==============================  ==========  ===========================  =========================
 
 R = time_step_rank (dt_rank). Whether the residual stream is rotated and out_proj's input gets
-the online Hadamard is recorded in ``quamba.hadamard`` (null: neither, the naive baseline).
+the online Hadamard is recorded in ``quamba.hadamard`` (null: neither, the naive baseline), for
+both architectures. The Mamba2 naive W8A8 baseline keeps the W8A8 table above with no
+sort-and-cluster: heads and channels in their source order, ``quamba.x_head_groups`` and
+``x_dim_groups`` 1, every head and dim in the first group (``x_head_group_range`` all
+H/G, ``x_dim_group_range`` all P = head_dim), and one absmax scale each for x, B, C and the
+SSM state, repeated over its scale tensor.
 Mamba1 W4A8 and W4A16 (Quamba2, quamba.md section 2.5): ``mamba1_mixer_tensors``; the 4-bit
 linears are ``linear_tensors`` and dt_proj's precision is ``mamba1_linear_precision``.
+
+W4AX (both architectures): recipe ``"w4ax"`` and ``quamba.layer_precision``, a list with one of
+``W4_PRECISIONS`` per decoder layer; each layer's mixer holds exactly the tensors of its
+precision's table (``layer_precision(section, layer)``), and ``ssm_state_dtype`` is "int8" when
+any layer keeps int8 states.
 
 Head to toe (Mamba2, ``--quantize-embedding`` / ``--quantize-lm-head``; ``quamba.embedding`` is
 null, "int8" or "int4" and ``quamba.lm_head`` null or a precision). The untied ``lm_head`` is a

@@ -126,14 +126,6 @@ def test_bad_percentile_alpha_fails_before_work(alpha, random_tiny_mamba1, tmp_p
     assert list(tmp_path.iterdir()) == []
 
 
-def test_naive_switches_are_refused_for_mamba2_before_work(random_tiny_mamba2, tmp_path):
-    with pytest.raises(QuantizeError, match="--no-hadamard is implemented for Mamba1 only"):
-        quantize(random_tiny_mamba2, tmp_path / "out", hadamard=False)
-    with pytest.raises(QuantizeError, match="Mamba1 only: the Quamba2 recipe"):
-        quantize(random_tiny_mamba2, tmp_path / "out", percentile_alpha=None)
-    assert list(tmp_path.iterdir()) == []
-
-
 def _cli(*args):
     return subprocess.run(
         [sys.executable, "-m", "vllm_quamba.converters.cli", "quantize", *map(str, args)],

@@ -118,3 +118,25 @@ def test_naive_w8a8_is_worse_than_quamba_on_outlier_channels(tmp_path):
     }
     print(f"outlier model: fp {fp:.3f}, quamba {100 * increase['quamba']:+.2f}%, naive {100 * increase['naive']:+.2f}%")
     assert increase["naive"] > increase["quamba"]
+
+
+def test_mamba2_naive_w8a8_is_worse_than_quamba2(quantized_tiny, tmp_path):
+    """The naive W8A8 baseline (no Hadamard, no sort-and-cluster, per-tensor absmax) loses more
+    held-out perplexity than Quamba2 W8A8, both calibrated alike (32 x 256 tokens, embedded set).
+
+    Measured on the trained tiny Mamba2: fp 37.617, Quamba2 37.659 (+0.11%), naive 37.736
+    (+0.32%). Both are deterministic for these inputs, so the 0.2-point gap is not noise; it is
+    small because this 128-wide model has few activation outliers. The bar is the ordering, and
+    the naive baseline stays within the issue's 2%, since nothing in it is broken.
+    """
+    source = load_source(ASSETS / "tiny-mamba2")
+    naive = quantize(ASSETS / "tiny-mamba2", tmp_path / "naive", hadamard=False, percentile_alpha=None,
+                     calib_samples=32, calib_seqlen=256)  # fmt: skip
+    windows = heldout_windows(naive)
+    fp = perplexity(Mamba2Reference(source.config, source.tensors), windows)
+    increase = {
+        name: perplexity(QuantizedMamba2Reference.from_checkpoint(ckpt), windows) / fp - 1
+        for name, ckpt in (("quamba2", quantized_tiny), ("naive", naive))
+    }
+    print(f"tiny-mamba2: fp {fp:.3f}, quamba2 {100 * increase['quamba2']:+.2f}%, naive {100 * increase['naive']:+.2f}%")
+    assert increase["quamba2"] < increase["naive"] <= 0.02

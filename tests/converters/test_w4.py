@@ -22,7 +22,7 @@ from vllm_quamba.converters.source import load_source
 from vllm_quamba.format import Mamba2Shapes, mamba2_mixer_tensors, mixer_prefix
 from vllm_quamba.kernels.w4_linear import dequantize_w4_ref
 
-from ..conftest import TINY_MAMBA2, _quantize_tiny_mamba2
+from ..conftest import TINY_MAMBA1, TINY_MAMBA2, _quantize_tiny_mamba2
 from .test_quality import heldout_windows, perplexity
 
 QUALITY_BAR = {"w4a16": 0.04, "w4a8": 0.06}
@@ -107,13 +107,14 @@ def test_w4ax_keeps_the_most_sensitive_layers_at_w4a16(quantized_tiny_w4ax, chec
     assert ppl["w4a16"] <= ppl["w4ax"] <= ppl["w4a8"], ppl
 
 
-def test_layer_precision_file_through_the_cli(tmp_path):
+@pytest.mark.parametrize("model", [TINY_MAMBA2, TINY_MAMBA1], ids=["mamba2", "mamba1"])
+def test_layer_precision_file_through_the_cli(model, tmp_path):
     from vllm_quamba.converters.cli import main
 
     chosen = ["w4a8", "w4a16", "w4a8", "w4a16"]
     (tmp_path / "layers.json").write_text(json.dumps(chosen))
     out = tmp_path / "out"
-    args = ["quantize", str(TINY_MAMBA2), "--recipe", "w4ax", "--out", str(out), "--calib-samples", "4", "--calib-seqlen", "64"]
+    args = ["quantize", str(model), "--recipe", "w4ax", "--out", str(out), "--calib-samples", "4", "--calib-seqlen", "64"]
     assert main(args + ["--layer-precision", str(tmp_path / "layers.json")]) == 0
     assert json.loads((out / "config.json").read_text())["quantization_config"]["quamba"]["layer_precision"] == chosen
 
@@ -129,9 +130,10 @@ def test_layer_precision_file_through_the_cli(tmp_path):
         (dict(recipe="w4a8", auto_precision=0.5), "recipe 'w4ax' only"),
     ],
 )
-def test_bad_w4ax_choices_fail_before_work(kwargs, message, tmp_path):
+@pytest.mark.parametrize("model", [TINY_MAMBA2, TINY_MAMBA1], ids=["mamba2", "mamba1"])
+def test_bad_w4ax_choices_fail_before_work(model, kwargs, message, tmp_path):
     with pytest.raises(QuantizeError, match=message):
-        quantize(TINY_MAMBA2, tmp_path / "out", **kwargs)
+        quantize(model, tmp_path / "out", **kwargs)
     assert not (tmp_path / "out").exists()
 
 

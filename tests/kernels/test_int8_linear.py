@@ -6,14 +6,15 @@ import textwrap
 import pytest
 import torch
 
-from vllm_quamba.kernels.int8_linear import w8a8_linear, w8a8_linear_cpu, w8a8_linear_ref
+from vllm_quamba.kernels.int8_linear import cpu_candidates, w8a8_linear, w8a8_linear_cpu, w8a8_linear_ref
 from vllm_quamba.kernels.quant import quantize_int8, quantize_per_channel_int8
 
 torch.set_num_threads(1)
 
-# Bit-exact, rtol = atol = 0: both paths sum int32 products exactly and apply the same fp32
+# Bit-exact, rtol = atol = 0: every path sums int32 products exactly and applies the same fp32
 # multiply (then add) in the same order, with no FMA contraction (numba runs without fastmath).
 EXACT = dict(rtol=0, atol=0)
+CPU_KERNELS = ("numba", "int_mm")
 
 
 def _problem(rows: int, cols_in: int, cols_out: int, seed: int = 0, x_std: float = 1.0):
@@ -33,6 +34,19 @@ def test_cpu_equals_reference(rows, cols_in, cols_out):
     x, weight, weight_scale, input_scale, _ = _problem(rows, cols_in, cols_out)
     expected = w8a8_linear_ref(x, weight, weight_scale, input_scale)
     torch.testing.assert_close(w8a8_linear_cpu(x, weight, weight_scale, input_scale), expected, **EXACT)
+
+
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
+@pytest.mark.parametrize(("rows", "cols_in", "cols_out"), [(1, 37, 5), (16, 129, 33), (65, 2051, 7)])
+def test_every_cpu_kernel_equals_reference(kernel, rows, cols_in, cols_out):
+    """w8a8_linear_cpu runs whichever kernel measured fastest here: each must be exact alone
+    (2051 inputs saturated against 127s sum past 2^24, where an fp32 accumulator would drift)."""
+    x, weight, weight_scale, input_scale, bias = _problem(rows, cols_in, cols_out, seed=3)
+    if cols_in == 2051:
+        x, weight = torch.full_like(x, 1e6), torch.full_like(weight, 127)
+    expected = w8a8_linear_ref(x, weight, weight_scale, input_scale, bias)
+    got = cpu_candidates(x, weight, weight_scale, input_scale, bias)[kernel]()
+    torch.testing.assert_close(got, expected, **EXACT)
 
 
 def test_reference_accumulates_in_exact_integers():

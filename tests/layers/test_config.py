@@ -78,6 +78,7 @@ def test_no_arg_construction_explains_missing_quantization_config():
     [
         "quamba_ckpt", "quantized_tiny_mamba1", "quantized_tiny_w4a8", "quantized_tiny_w4a16",
         "quantized_tiny_w4ax", "quantized_tiny_mamba1_w4a8", "quantized_tiny_mamba1_w4a16",
+        "quantized_tiny_mamba1_w4ax",
     ],
 )
 def test_preflight_accepts_every_converter_checkpoint(checkpoint, request):

@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     q.add_argument("model", help="source checkpoint: local directory or hub id")
-    q.add_argument("--recipe", required=True, choices=RECIPES, help="quantization recipe (implemented: w8a8, w4a8, w4a16 for Mamba1; w8a8, w4a8, w4a16, w4ax for Mamba2)")
+    q.add_argument("--recipe", required=True, choices=RECIPES, help="quantization recipe (all four for Mamba1 and Mamba2)")
     q.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     q.add_argument(
         "--calib",
@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     head_to_toe.add_argument("--quantize-embedding", action="store_true", help="quantize the token embedding")
     head_to_toe.add_argument("--quantize-lm-head", action="store_true", help="quantize the lm_head")
     mixed = q.add_argument_group(
-        "W4AX (--recipe w4ax, Mamba2): per-layer W4A8 or W4A16, exactly one of",
+        "W4AX (--recipe w4ax): per-layer W4A8 or W4A16, exactly one of",
     )
     mixed.add_argument(
         "--layer-precision", metavar="FILE",
@@ -66,8 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     naive = q.add_argument_group(
         "naive baselines",
         "Switch off parts of the Quamba recipe to get the naive baselines of the Quamba papers: "
-        "per-tensor absmax W8A8 without Hadamard rotations or percentile clipping (Mamba1), "
-        "round-to-nearest 4-bit weights (4-bit recipes).",
+        "per-tensor absmax W8A8 without Hadamard rotations or percentile clipping (Mamba1: each "
+        "switch alone or both; Mamba2, recipe w8a8: --no-hadamard --no-percentile together, "
+        "which also drops sort-and-cluster), round-to-nearest 4-bit weights (4-bit recipes).",
     )
     naive.add_argument(
         "--no-hadamard", action="store_true",

@@ -4,8 +4,11 @@ Mamba1 (Quamba W8A8, with its naive-baseline switches) lives in ``recipe_mamba1`
 Quamba2 W8A8 recipe for Mamba2 is here. Mamba2 order (quamba.md sections 0, 2 and 9): fold the
 RMSNorm weights, rotate the residual stream, gather the sort statistic, sort-and-cluster and
 permute, fuse the out_proj Hadamard, calibrate every activation scale on the permuted fp model,
-quantize the weights, write. Everything is checked before any work starts, and the output
-directory appears only when complete (written beside it under a temporary name, then renamed).
+quantize the weights, write. The Mamba2 naive W8A8 baseline (``hadamard=False`` with
+``percentile_alpha=None``) only folds the norms, then calibrates and quantizes with one absmax
+scale for all of x, B, C and the SSM state (no rotation, no sort-and-cluster). Everything is
+checked before any work starts, and the output directory appears only when complete
+(written beside it under a temporary name, then renamed).
 """
 
 from __future__ import annotations
@@ -52,10 +55,6 @@ from .simulate import HEAD_LAYER, Mamba2Reference
 from .source import TOKENIZER_FILES, SourceModel, check_source, load_source
 
 W4_RECIPES = ("w4a8", "w4a16", "w4ax")
-IMPLEMENTED = {
-    ("mamba2", "w8a8"), ("mamba2", "w4a8"), ("mamba2", "w4a16"), ("mamba2", "w4ax"),
-    ("mamba", "w8a8"), ("mamba", "w4a8"), ("mamba", "w4a16"),
-}
 # 4-bit embedding rows: clipping ratios of the absmax scale searched per row, and rows per
 # search step (bounds the search's memory on large vocabularies).
 EMBEDDING_CLIP_RATIOS = torch.linspace(0.5, 1.0, 51)
@@ -85,22 +84,27 @@ def check_request(
         raise QuantizeError(f"output directory {out_dir} exists; pass --overwrite to replace it")
     _, _, arch = check_source(model)
     kind = SUPPORTED_ARCHITECTURES[arch]
-    if (kind, recipe) not in IMPLEMENTED:
-        raise QuantizeError(
-            f"recipe {recipe!r} for {arch} is not implemented in this version of vllm-quamba "
-            f"(implemented: {sorted(IMPLEMENTED)})"
-        )
-    if kind == "mamba2" and not hadamard:
-        raise QuantizeError(
-            "--no-hadamard is implemented for Mamba1 only: Quamba2 checkpoints (Mamba2) always "
-            "use the Hadamard rotations, and the Mamba2 runtime applies them unconditionally"
-        )
-    if kind == "mamba2" and percentile_alpha != DEFAULT_PERCENTILE_ALPHA:
-        raise QuantizeError(
-            "--no-percentile/--percentile-alpha apply to Mamba1 only: the Quamba2 recipe (Mamba2) "
-            "uses no percentile clipping"
-        )
+    if kind == "mamba2":
+        _check_mamba2_switches(recipe, hadamard, percentile_alpha)
     return kind
+
+
+def _check_mamba2_switches(recipe: str, hadamard: bool, percentile_alpha: float | None) -> None:
+    """Mamba2 takes the Quamba2 recipe (Hadamards, no percentile) or, with both switches off,
+    the naive W8A8 baseline; nothing in between."""
+    if hadamard and percentile_alpha == DEFAULT_PERCENTILE_ALPHA:
+        return
+    if hadamard or percentile_alpha is not None:
+        raise QuantizeError(
+            "on Mamba2, --no-hadamard and --no-percentile go together: both give the naive W8A8 "
+            "baseline (no rotations, no sort-and-cluster, per-tensor absmax scales); the Quamba2 "
+            "recipe uses no percentile clipping, so --percentile-alpha does not apply"
+        )
+    if recipe != "w8a8":
+        raise QuantizeError(
+            f"the naive baseline (--no-hadamard --no-percentile) is implemented for recipe 'w8a8' "
+            f"only, not {recipe!r}; the naive 4-bit baseline is --rtn"
+        )
 
 
 def _check_shapes(source: SourceModel) -> Mamba2Shapes:
@@ -163,17 +167,39 @@ def _quantize_mixer(tensors, layer, shapes, stats: ActivationStats, reordering: 
     out["conv1d.input_scale"] = torch.cat([scale("x_in"), scale("B_in"), scale("C_in")])
     out["conv1d.weight"], out["conv1d.weight_scale"] = _per_segment_int8(t("conv1d.weight"), shapes)
     out["conv1d.bias"], out["conv1d.bias_scale"] = _per_segment_int8(t("conv1d.bias"), shapes)
-    x_absmax = stats.absmax[(layer, "x")].reshape(shapes.num_heads, shapes.head_dim)
-    out["x_scales"] = symmetric_scale(group_absmax(x_absmax, reordering, shapes))
-    out["x_head_group_range"] = reordering.head_group_range
-    out["x_dim_group_range"] = reordering.dim_group_range
-    out["B_scale"], out["C_scale"] = scale("B"), scale("C")
+    out.update(_ssm_group_scales(stats, layer, shapes, reordering))
     out["A_log"], out["A_log_scale"] = quantize_per_tensor_int8(t("A_log"))
     out["D"], out["D_scale"] = quantize_per_tensor_int8(t("D"))
     out["dt_bias"] = t("dt_bias")
     out["norm.weight"] = t("norm.weight")
-    out["ssm_state_scale"] = symmetric_scale(group_absmax(stats.absmax[(layer, "ssm_state")], reordering, shapes))
     return {prefix + name: value.contiguous() for name, value in out.items()}
+
+
+def _ssm_group_scales(stats: ActivationStats, layer, shapes, reordering: Reordering | None) -> dict[str, torch.Tensor]:
+    """x, B, C and SSM-state scales with their group ranges: per sort-and-cluster block and SSD
+    group (Quamba2), or, without a ``reordering`` (the naive baseline), one absmax scale per
+    tensor, written in the same layout with every head and dim in the first group."""
+    absmax = lambda point: stats.absmax[(layer, point)]  # noqa: E731
+    if reordering is not None:
+        x_absmax = absmax("x").reshape(shapes.num_heads, shapes.head_dim)
+        return {
+            "x_scales": symmetric_scale(group_absmax(x_absmax, reordering, shapes)),
+            "x_head_group_range": reordering.head_group_range,
+            "x_dim_group_range": reordering.dim_group_range,
+            "B_scale": stats.scale(layer, "B"),
+            "C_scale": stats.scale(layer, "C"),
+            "ssm_state_scale": symmetric_scale(group_absmax(absmax("ssm_state"), reordering, shapes)),
+        }
+    G, N = shapes.n_groups, shapes.state_size
+    per_tensor = lambda point, shape: symmetric_scale(absmax(point).amax()).expand(shape)  # noqa: E731
+    return {
+        "x_scales": per_tensor("x", (G, HEAD_GROUPS, DIM_GROUPS)),
+        "x_head_group_range": torch.full((G, HEAD_GROUPS), shapes.num_heads // G, dtype=torch.int32),
+        "x_dim_group_range": torch.full((G, HEAD_GROUPS, DIM_GROUPS), shapes.head_dim, dtype=torch.int32),
+        "B_scale": per_tensor("B", (G,)),
+        "C_scale": per_tensor("C", (G,)),
+        "ssm_state_scale": per_tensor("ssm_state", (G, HEAD_GROUPS, DIM_GROUPS, N)),
+    }
 
 
 def _int8_args() -> dict[str, Any]:
@@ -242,8 +268,7 @@ def _mixer_targets(shapes: Mamba2Shapes, precisions: list[str]) -> dict[str, tup
     """One target per (precision, linear): every layer's, or the listed layers' (W4AX)."""
     targets = {}
     for precision in sorted(set(precisions)):
-        layers = [str(i) for i, p in enumerate(precisions) if p == precision]
-        where = r".*" if len(layers) == len(precisions) else rf"backbone\.layers\.({'|'.join(layers)})\."
+        where = recipe_w4ax.layers_pattern(precisions, precision)
         targets[rf"re:{where}mixer\.in_proj$"] = (precision, shapes.hidden_size)
         targets[rf"re:{where}mixer\.out_proj$"] = (precision, shapes.intermediate_size)
     return targets
@@ -256,10 +281,11 @@ def quantization_config(
     precisions: list[str],
     embedding: str | None = None,
     lm_head: str | None = None,
+    naive: bool = False,
 ) -> dict[str, Any]:
     """compressed-tensors' own models for the linears (and the quantized embedding), plus the
     ``quamba`` section. ``embedding`` ("int8"/"int4") and ``lm_head`` (a precision) are None
-    when those layers stay fp."""
+    when those layers stay fp; ``naive``: the naive W8A8 baseline (no Hadamards, one group)."""
     targets = _mixer_targets(shapes, precisions)
     if lm_head is not None:
         targets[LM_HEAD] = (lm_head, shapes.hidden_size)
@@ -269,9 +295,9 @@ def quantization_config(
         "recipe": recipe,
         "method_version": METHOD_VERSION,
         "architecture": "mamba2",
-        "hadamard": {"residual": shapes.hidden_size, "out_proj_input": shapes.intermediate_size},
-        "x_head_groups": HEAD_GROUPS if int8_ssm else None,
-        "x_dim_groups": DIM_GROUPS if int8_ssm else None,
+        "hadamard": None if naive else {"residual": shapes.hidden_size, "out_proj_input": shapes.intermediate_size},
+        "x_head_groups": (1 if naive else HEAD_GROUPS) if int8_ssm else None,
+        "x_dim_groups": (1 if naive else DIM_GROUPS) if int8_ssm else None,
         "layer_precision": precisions if recipe == "w4ax" else None,
         "ssm_state_dtype": "int8" if int8_ssm else None,
         "conv_state_dtype": "int8" if int8_ssm else None,
@@ -326,7 +352,9 @@ def quantize(
 
     ``hadamard=False`` (no residual rotation, no online out_proj Hadamard) and
     ``percentile_alpha=None`` (absmax instead of percentile clipping of the SSM input and state)
-    are the naive baselines of the Quamba papers; Mamba1 only. ``hessian_budget_bytes`` bounds
+    are the naive baselines of the Quamba papers. Mamba1 takes each alone; Mamba2 (recipe w8a8)
+    both together: the naive W8A8 baseline, also without sort-and-cluster (one absmax scale
+    for all of x, B, C and the SSM state). ``hessian_budget_bytes`` bounds
     the memory of GPTQ's Hessians (4-bit recipes): as many layers per calibration pass as fit;
     ``gptq=False`` rounds the 4-bit weights to nearest instead (the naive 4-bit baseline).
     Recipe ``w4ax`` takes either ``layer_precision`` (one of "w4a8"/"w4a16" per layer) or
@@ -351,7 +379,7 @@ def quantize(
     if kind == "mamba":
         return _quantize_mamba1(
             source, out_dir, recipe, calib, calib_samples, calib_seqlen, overwrite, seed, hadamard, percentile_alpha,
-            gptq, hessian_budget_bytes,
+            gptq, hessian_budget_bytes, layer_precision, auto_precision,
         )
     shapes = _check_shapes(source)
     embedding, lm_head = _head_to_toe_choice(recipe, shapes, source.config, quantize_embedding, quantize_lm_head)
@@ -359,15 +387,18 @@ def quantize(
     if recipe == "w4ax":
         recipe_w4ax.check_choice(layer_precision, auto_precision, shapes.num_layers, QuantizeError)
     samples = _samples(source, calib, calib_samples, calib_seqlen)
-    tensors = transforms.rotate_residual(transforms.fold_norms(source.tensors))
+    tensors = transforms.fold_norms(source.tensors)
     int8_ssm = any(p != "w4a16" for p in candidates)
-    if int8_ssm:  # sort-and-cluster and the SSM scales serve the int8 SSM path only
-        tensors, reorderings = _reorder_all(tensors, shapes, source.config, samples)
-    tensors = transforms.fuse_out_proj_hadamard(tensors)
+    reorderings = [None] * shapes.num_layers  # None: the naive baseline's per-tensor SSM scales
+    if hadamard:
+        tensors = transforms.rotate_residual(tensors)
+        if int8_ssm:  # sort-and-cluster and the SSM scales serve the int8 SSM path only
+            tensors, reorderings = _reorder_all(tensors, shapes, source.config, samples)
+        tensors = transforms.fuse_out_proj_hadamard(tensors)
     stats = None
     if int8_ssm:
         stats = _observe(
-            Mamba2Reference(source.config, tensors, online_hadamard=True), samples, "calibration 2/2 (scales)"
+            Mamba2Reference(source.config, tensors, online_hadamard=hadamard), samples, "calibration 2/2 (scales)"
         )
     # GPTQ's weights do not depend on the activation precision: W4A8 and W4A16 share them.
     four_bit = [candidates[0]] * shapes.num_layers if candidates[0] in W4_PRECISIONS else []
@@ -376,28 +407,25 @@ def quantize(
     )
     options = {
         precision: [
-            _layer_tensors(tensors, layer, shapes, precision, w4, stats, reorderings[layer] if int8_ssm else None)
+            _layer_tensors(tensors, layer, shapes, precision, w4, stats, reorderings[layer])
             for layer in range(shapes.num_layers)
         ]
         for precision in candidates
     }
-    quantized = {name: t.contiguous() for name, t in tensors.items() if ".mixer." not in name}
-    if recipe == "w4ax":
-        precisions, sensitivity = recipe_w4ax.choose_precisions(
-            layer_precision, auto_precision, options, quantized, source.config, samples,
-            lambda chosen: quantization_config("w4ax", shapes, {}, chosen),
-        )
-    else:
-        precisions, sensitivity = [recipe] * shapes.num_layers, None
-    for layer, precision in enumerate(precisions):
-        quantized.update(options[precision][layer])
+    quantized, precisions, sensitivity = recipe_w4ax.chosen_tensors(
+        recipe, layer_precision, auto_precision, options,
+        {name: t.contiguous() for name, t in tensors.items() if ".mixer." not in name}, source.config, samples,
+        lambda chosen: quantization_config("w4ax", shapes, {}, chosen),
+    )
     quantized.update(_head_to_toe_tensors(quantized, embedding, lm_head, w4, stats))
     calib_info = {"source": str(calib), "samples": len(samples), "seqlen": calib_seqlen, "seed": seed}
     config = {
         **{k: v for k, v in source.config.items() if k != "torch_dtype"},
         "tie_word_embeddings": False,
         "dtype": "float32",
-        "quantization_config": quantization_config(recipe, shapes, calib_info, precisions, embedding, lm_head),
+        "quantization_config": quantization_config(
+            recipe, shapes, calib_info, precisions, embedding, lm_head, naive=not hadamard
+        ),
     }
     if sensitivity is not None:
         config["quantization_config"]["quamba"]["auto_precision"] = sensitivity
@@ -518,27 +546,40 @@ def _samples(source: SourceModel, calib: str, calib_samples: int, calib_seqlen: 
 
 def _quantize_mamba1(
     source, out_dir, recipe, calib, calib_samples, calib_seqlen, overwrite, seed, hadamard, percentile_alpha,
-    gptq, hessian_budget_bytes,
+    gptq, hessian_budget_bytes, layer_precision, auto_precision,
 ) -> Path:
     from . import recipe_mamba1
 
     shapes = recipe_mamba1.check_shapes(source.config, hadamard, QuantizeError)
+    if recipe == "w4ax":
+        recipe_w4ax.check_choice(layer_precision, auto_precision, shapes.num_layers, QuantizeError)
     samples = _samples(source, calib, calib_samples, calib_seqlen)
-    quantized = recipe_mamba1.quantize_tensors(
-        source.config, source.tensors, shapes, samples, hadamard, percentile_alpha, recipe, gptq, hessian_budget_bytes
+    candidates = W4_PRECISIONS if recipe == "w4ax" else (recipe,)
+    base, options = recipe_mamba1.layer_options(
+        source.config, source.tensors, shapes, samples, hadamard, percentile_alpha, candidates, gptq,
+        hessian_budget_bytes,
     )
     calib_info = {"source": str(calib), "samples": len(samples), "seqlen": calib_seqlen, "seed": seed}
-    quant_config = linears_config(recipe_mamba1.linear_targets(recipe, shapes))
-    quant_config["quamba"] = {
-        **recipe_mamba1.quamba_section(recipe, shapes, hadamard, percentile_alpha),
-        "method_version": METHOD_VERSION,
-        "calibration": calib_info,
-    }
+
+    def quant_config(precisions: list[str]) -> dict[str, Any]:
+        config = linears_config(recipe_mamba1.linear_targets(precisions, shapes))
+        config["quamba"] = {
+            **recipe_mamba1.quamba_section(recipe, precisions, shapes, hadamard, percentile_alpha),
+            "method_version": METHOD_VERSION,
+            "calibration": calib_info,
+        }
+        return config
+
+    quantized, precisions, sensitivity = recipe_w4ax.chosen_tensors(
+        recipe, layer_precision, auto_precision, options, base, source.config, samples, quant_config
+    )
     config = {
         **{k: v for k, v in source.config.items() if k != "torch_dtype"},
         "tie_word_embeddings": False,
         "dtype": "float32",
-        "quantization_config": quant_config,
+        "quantization_config": quant_config(precisions),
     }
+    if sensitivity is not None:
+        config["quantization_config"]["quamba"]["auto_precision"] = sensitivity
     _write_checkpoint(out_dir, config, quantized, source.tokenizer_dir, overwrite)
     return out_dir

@@ -18,6 +18,8 @@ W8A8 mixer with in_proj and out_proj 4-bit by GPTQ (Hessians from the fp model w
 Hadamard) and x_proj 4-bit by round-to-nearest; dt_proj stays W8A8 (K = dt_rank is too short for
 the 4-bit kernel). W4A16 keeps the fp SSM (conv1d, A_log, D, dt_proj and its bias) and has the
 same three linears 4-bit, weight-only. ``gptq=False`` rounds in_proj/out_proj to nearest too.
+W4AX gives each layer one of the two: ``layer_options`` builds every layer at both, sharing the
+4-bit weights and scales, and ``recipe_w4ax`` chooses.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from ..format import (
 )
 from ..kernels.hadamard import is_supported_hadamard_size
 from ..kernels.quant import quantize_per_channel_int8, quantize_per_tensor_int8
-from . import recipe_w4, transforms
+from . import recipe_w4, recipe_w4ax, transforms
 from .calibration import MambaActivationStats
 from .simulate import MambaReference
 
@@ -44,6 +46,7 @@ TARGETS = r"re:.*mixer\.(in|x|dt|out)_proj$"
 # The 4-bit linears: GPTQ's (the others' inputs are observed at these points) and RTN's.
 GPTQ_INPUT_POINTS = {"in_proj_input": "in_proj", "out_proj_input": "out_proj"}
 RTN_LINEARS = ("x_proj",)
+FOUR_BIT_LINEARS = (*GPTQ_INPUT_POINTS.values(), *RTN_LINEARS)
 
 
 def check_shapes(config: dict[str, Any], hadamard: bool, error: type[Exception]) -> MambaShapes:
@@ -114,32 +117,45 @@ def quantize_mixer(
     return {prefix + name: value.contiguous() for name, value in out.items()}
 
 
-def quantize_tensors(
+def layer_options(
     config: dict[str, Any],
     source_tensors: dict[str, torch.Tensor],
     shapes: MambaShapes,
     samples: list[torch.Tensor],
     hadamard: bool,
     percentile_alpha: float | None,
-    recipe: str = "w8a8",
+    candidates: tuple[str, ...],
     gptq: bool = True,
     hessian_budget_bytes: int = recipe_w4.DEFAULT_HESSIAN_BUDGET_BYTES,
-) -> dict[str, torch.Tensor]:
-    """Source tensors (transformers names, fp32) -> every tensor of the quamba checkpoint."""
+) -> tuple[dict[str, torch.Tensor], dict[str, list[dict[str, torch.Tensor]]]]:
+    """Source tensors (transformers names, fp32) -> (the checkpoint's tensors outside the mixers,
+    ``options[precision][layer]``: each mixer's tensors at every candidate precision).
+
+    W4AX's two candidates share the 4-bit weights (GPTQ does not depend on the activation
+    precision) and the activation scales (calibrated once, used by the W4A8 layers only).
+    """
     tensors = transformed_tensors(source_tensors, hadamard)
-    quantized = {name: t.contiguous() for name, t in tensors.items() if ".mixer." not in name}
-    if recipe == "w4a16":
-        for layer in range(shapes.num_layers):
-            quantized.update(_fp_ssm(tensors, layer, shapes))
-    else:
+    base = {name: t.contiguous() for name, t in tensors.items() if ".mixer." not in name}
+    stats = None
+    if any(p != "w4a16" for p in candidates):  # the scales serve the int8 SSM path only
         stats = calibrate(config, tensors, samples, hadamard, percentile_alpha)
-        for layer in range(shapes.num_layers):
-            quantized.update(quantize_mixer(tensors, layer, shapes, stats))
-    if recipe in W4_PRECISIONS:
+    w4 = {}
+    if any(p in W4_PRECISIONS for p in candidates):
         w4 = w4_linears(config, tensors, shapes, samples, hadamard, gptq, hessian_budget_bytes)
-        for (layer, linear), packed in w4.items():
-            recipe_w4.replace_linear(quantized, mixer_prefix(layer) + linear + ".", packed)
-    return quantized
+    options = {
+        precision: [_layer_tensors(tensors, layer, shapes, precision, stats, w4) for layer in range(shapes.num_layers)]
+        for precision in candidates
+    }
+    return base, options
+
+
+def _layer_tensors(tensors, layer: int, shapes: MambaShapes, precision: str, stats, w4) -> dict[str, torch.Tensor]:
+    """One mixer's checkpoint tensors at ``precision`` (format.mamba1_mixer_tensors)."""
+    out = _fp_ssm(tensors, layer, shapes) if precision == "w4a16" else quantize_mixer(tensors, layer, shapes, stats)
+    if precision in W4_PRECISIONS:
+        for linear in FOUR_BIT_LINEARS:  # W4A8 keeps the int8 linear's input_scale
+            recipe_w4.replace_linear(out, mixer_prefix(layer) + linear + ".", w4[(layer, linear)])
+    return out
 
 
 def w4_linears(config, tensors, shapes: MambaShapes, samples, hadamard: bool, gptq: bool, hessian_budget_bytes: int):
@@ -170,31 +186,35 @@ def _fp_ssm(tensors, layer: int, shapes: MambaShapes) -> dict[str, torch.Tensor]
     """A W4A16 mixer's fp tensors (all of format.mamba1_mixer_tensors(..., "w4a16") but the
     4-bit linears', which ``w4_linears`` supplies)."""
     prefix = mixer_prefix(layer)
-    four_bit = (*GPTQ_INPUT_POINTS.values(), *RTN_LINEARS)
-    names = [n for n in mamba1_mixer_tensors(shapes, "w4a16") if n.split(".")[0] not in four_bit]
+    names = [n for n in mamba1_mixer_tensors(shapes, "w4a16") if n.split(".")[0] not in FOUR_BIT_LINEARS]
     return {prefix + n: tensors[prefix + n].float().contiguous() for n in names}
 
 
-def linear_targets(recipe: str, shapes: MambaShapes) -> dict[str, tuple[str, int]]:
+def linear_targets(precisions: list[str], shapes: MambaShapes) -> dict[str, tuple[str, int]]:
     """``quantize.linears_config``'s input: target -> (precision, input features) of every
-    quantized mixer linear (W4A16's dt_proj is fp: no target)."""
-    if recipe == "w8a8":
+    quantized mixer linear, given each layer's precision (a W4A16 layer's dt_proj is fp: no
+    target)."""
+    if set(precisions) == {"w8a8"}:
         return {TARGETS: ("w8a8", shapes.hidden_size)}
     in_features = {
         "in_proj": shapes.hidden_size, "x_proj": shapes.intermediate_size,
         "dt_proj": shapes.time_step_rank, "out_proj": shapes.intermediate_size,
     }  # fmt: skip
     targets = {}
-    for linear, cols in in_features.items():
-        precision = mamba1_linear_precision(recipe, linear)
-        if precision is not None:
-            targets[rf"re:.*mixer\.{linear}$"] = (precision, cols)
+    for layer_precision in sorted(set(precisions)):
+        where = recipe_w4ax.layers_pattern(precisions, layer_precision)
+        for linear, cols in in_features.items():
+            precision = mamba1_linear_precision(layer_precision, linear)
+            if precision is not None:
+                targets[rf"re:{where}mixer\.{linear}$"] = (precision, cols)
     return targets
 
 
-def quamba_section(recipe: str, shapes: MambaShapes, hadamard: bool, percentile_alpha: float | None) -> dict[str, Any]:
+def quamba_section(
+    recipe: str, precisions: list[str], shapes: MambaShapes, hadamard: bool, percentile_alpha: float | None
+) -> dict[str, Any]:
     """The Mamba1 entries of ``quantization_config.quamba`` (besides method version, calibration)."""
-    int8_ssm = recipe != "w4a16"  # W4A16 keeps the fp SSM: no percentile, fp states
+    int8_ssm = any(p != "w4a16" for p in precisions)  # W4A16 layers keep the fp SSM and fp states
     return {
         "recipe": recipe,
         "architecture": "mamba",
@@ -203,7 +223,7 @@ def quamba_section(recipe: str, shapes: MambaShapes, hadamard: bool, percentile_
         ),
         "percentile_alpha": percentile_alpha if int8_ssm else None,
         "percentile_points": ["x_proj_input", "ssm_state"] if int8_ssm and percentile_alpha is not None else [],
-        "layer_precision": None,
+        "layer_precision": precisions if recipe == "w4ax" else None,
         "ssm_state_dtype": "int8" if int8_ssm else None,
         "conv_state_dtype": "int8" if int8_ssm else None,
         "weight_scales": "per-channel" if recipe == "w8a8" else "per-group",

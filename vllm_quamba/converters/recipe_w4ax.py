@@ -1,7 +1,7 @@
-"""W4AX: which decoder layers of a Mamba2 model run W4A8 and which W4A16.
+"""W4AX: which decoder layers of a Mamba2 or Mamba1 model run W4A8 and which W4A16.
 
-Both precisions share the GPTQ 4-bit weights; W4A8 layers add 8-bit activations and the int8
-SSM path with int8 states (4x smaller state, int8 compute), W4A16 layers keep the fp SSM. The
+Both precisions share the 4-bit weights; W4A8 layers add 8-bit activations and the int8 SSM
+path with int8 states (4x smaller state, int8 compute), W4A16 layers keep the fp SSM. The
 choice is given per layer (``--layer-precision FILE``: a JSON list with one of "w4a8"/"w4a16"
 per layer) or measured (``--auto-precision F``): the fraction F of layers whose 8-bit
 activations cost the most stays W4A16. A layer's cost is the increase of the calibration loss
@@ -22,9 +22,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..format import W4_PRECISIONS
-from .simulate import QuantizedMamba2Reference
+from .simulate import QuantizedMamba2Reference, QuantizedMambaReference
 
 SENSITIVITY_SAMPLES = 8
+# The simulator of each architecture (``quamba.architecture``) that measures the sensitivities.
+SIMULATORS = {"mamba2": QuantizedMamba2Reference, "mamba": QuantizedMambaReference}
 
 
 def read_layer_precision(path: str | Path) -> list[str]:
@@ -54,7 +56,8 @@ def check_choice(
         raise error(f"--auto-precision is the fraction of layers kept at W4A16, in [0, 1]; got {auto_precision}")
 
 
-def choose_precisions(
+def chosen_tensors(
+    recipe: str,
     layer_precision: list[str] | None,
     auto_precision: float | None,
     options: dict[str, list[dict[str, torch.Tensor]]],
@@ -62,23 +65,44 @@ def choose_precisions(
     config: dict[str, Any],
     samples: list[torch.Tensor],
     quantization_config: Callable[[list[str]], dict[str, Any]],
-) -> tuple[list[str], dict[str, Any] | None]:
-    """(per-layer precisions, the measured sensitivities or None when given by hand).
+) -> tuple[dict[str, torch.Tensor], list[str], dict[str, Any] | None]:
+    """(every checkpoint tensor, per-layer precisions, the measured sensitivities or None).
 
     ``options[precision][layer]`` are a layer's checkpoint tensors at each precision,
     ``base_tensors`` everything outside the mixers, ``quantization_config(precisions)`` the
-    checkpoint's quantization_config for a choice.
+    checkpoint's quantization_config for a choice. Recipe w4ax takes the given
+    ``layer_precision`` or measures (``auto_precision``); any other recipe gives every layer
+    its own precision.
     """
-    if layer_precision is not None:
-        return list(layer_precision), None
+    num_layers = len(next(iter(options.values())))
+    sensitivity = None
+    if recipe != "w4ax":
+        precisions = [recipe] * num_layers
+    elif layer_precision is not None:
+        precisions = list(layer_precision)
+    else:
+        precisions, sensitivity = _measured_choice(
+            auto_precision, options, base_tensors, config, samples[:SENSITIVITY_SAMPLES], quantization_config
+        )
+    return _assemble(options, base_tensors, precisions), precisions, sensitivity
+
+
+def _assemble(options, base_tensors: dict[str, torch.Tensor], precisions: list[str]) -> dict[str, torch.Tensor]:
+    tensors = dict(base_tensors)
+    for layer, precision in enumerate(precisions):
+        tensors.update(options[precision][layer])
+    return tensors
+
+
+def _measured_choice(auto_precision: float, options, base_tensors, config, samples, quantization_config):
+    """(precisions, measurements): the fraction ``auto_precision`` of layers whose calibration
+    loss rises most when that layer alone goes W4A8 (every other layer W4A16) stays W4A16."""
     num_layers = len(options["w4a16"])
-    samples = samples[:SENSITIVITY_SAMPLES]
 
     def loss(chosen: list[str]) -> float:
-        tensors = dict(base_tensors)
-        for layer, precision in enumerate(chosen):
-            tensors.update(options[precision][layer])
-        model = QuantizedMamba2Reference({**config, "quantization_config": quantization_config(chosen)}, tensors)
+        quant_config = quantization_config(chosen)
+        simulator = SIMULATORS[quant_config["quamba"]["architecture"]]
+        model = simulator({**config, "quantization_config": quant_config}, _assemble(options, base_tensors, chosen))
         return sum(F.cross_entropy(model.logits(ids)[:-1], ids[1:]).item() for ids in samples) / len(samples)
 
     all_w4a16 = ["w4a16"] * num_layers
@@ -97,3 +121,10 @@ def choose_precisions(
         "samples": len(samples),
     }
     return precisions, measured
+
+
+def layers_pattern(precisions: list[str], precision: str) -> str:
+    """The start of a ``re:`` compressed-tensors target that matches the decoder layers at
+    ``precision``: any layer when all are at it, else the listed ones (W4AX)."""
+    layers = [str(i) for i, p in enumerate(precisions) if p == precision]
+    return r".*" if len(layers) == len(precisions) else rf"backbone\.layers\.({'|'.join(layers)})\."

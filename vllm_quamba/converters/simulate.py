@@ -1,11 +1,12 @@
-"""Plain-torch forwards of Mamba1/Mamba2 checkpoints: fp, observed (calibration) and W8A8 simulated.
+"""Plain-torch forwards of Mamba1/Mamba2 checkpoints: fp, observed (calibration) and simulated.
 
 ``Mamba2Reference`` / ``MambaReference`` run the fp model from transformers-named tensors; an
 observer callback sees every activation the W8A8 recipe quantizes, which is how calibration
 gathers statistics. ``QuantizedMamba2Reference`` / ``QuantizedMambaReference`` run a written
-quamba W8A8 checkpoint with exactly the runtime's numerics: int8 GEMMs with static input
-scales, the shared SSM path of ``kernels.quamba2_ssm`` / ``kernels.quamba_ssm`` and int8 decode
-states. They are the references the vLLM plugin is tested against, token by token (prefill,
+quamba checkpoint of any recipe with exactly the runtime's numerics, each layer at its own
+precision: the linears as stored (int8 or 4-bit, static input scales), then in W8A8/W4A8 layers
+the shared SSM path of ``kernels.quamba2_ssm`` / ``kernels.quamba_ssm`` with int8 decode
+states, in W4A16 layers the fp SSM with fp32 states. They are the references the vLLM plugin is tested against, token by token (prefill,
 then one decode step per generated token). The embedding / residual blocks / final norm /
 lm_head backbone and the prefill/decode/generate driver are shared by both architectures.
 """
@@ -39,7 +40,7 @@ from ..kernels.quamba_ssm import (
 )
 from ..kernels.quant import dequantize_int8, quantize_int8
 from ..kernels.w4_linear import w4a8_linear_ref, w4a16_linear_ref
-from ..kernels.selective_scan import selective_scan_ref
+from ..kernels.selective_scan import mamba1_state_update_ref, selective_scan_ref
 from ..kernels.selective_state_update import mamba2_state_update_ref
 from ..kernels.ssd_chunk_scan import ssd_chunk_scan_ref
 
@@ -70,6 +71,11 @@ class _Backbone:
 
     def layer_tensor(self, layer: int, name: str) -> torch.Tensor:
         return self.tensors[mixer_prefix(layer) + name]
+
+    def _linear(self, layer: int, name: str, x: torch.Tensor) -> torch.Tensor:
+        """A mixer linear without its bias (Mamba1's dt_proj bias is the scan's delta bias), at
+        the precision the tensors hold it (``linear``)."""
+        return linear(x, self.tensors, mixer_prefix(layer) + name + ".")
 
     def _run(self, ids: torch.Tensor, mixer: Callable[[int, torch.Tensor], torch.Tensor]):
         h = embedding(ids, self.tensors, "backbone.embeddings.")
@@ -191,9 +197,6 @@ class _QuantizedBackbone(_Backbone):
         prefix = mixer_prefix(layer)
         return {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
 
-    def _linear(self, layer: int, name: str, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.tensors, mixer_prefix(layer) + name + ".")
-
     @torch.no_grad()
     def _forward(self, ids: torch.Tensor, states: list, decode: bool):
         states = list(states)
@@ -234,12 +237,15 @@ class QuantizedMamba2Reference(_QuantizedBackbone):
 
     W8A8 and W4A8 layers run the int8 SSM path with int8 states; W4A16 layers the fp SSM of
     the stock mixer with fp32 states. The linears run at whatever precision they are stored.
+    out_proj's input gets the online Hadamard unless ``quamba.hadamard`` is null (the naive
+    baseline).
     """
 
     def __init__(self, config: dict[str, Any], tensors: dict[str, torch.Tensor]):
         super().__init__(config, tensors, Mamba2Shapes.from_config(config))
         self.chunk_size = config.get("chunk_size", 256)
         section = quamba_section(config["quantization_config"])
+        self.online_hadamard = section.get("hadamard") is not None
         self.ssm = [
             None
             if layer_precision(section, i) == "w4a16"
@@ -248,7 +254,7 @@ class QuantizedMamba2Reference(_QuantizedBackbone):
         ]
 
     def _out_proj(self, layer: int, y: torch.Tensor) -> torch.Tensor:
-        return self._linear(layer, "out_proj", hadamard_transform_ref(y))
+        return self._linear(layer, "out_proj", hadamard_transform_ref(y) if self.online_hadamard else y)
 
     def _mixer(self, layer, h, state, decode):
         zxbcdt = self._linear(layer, "in_proj", h)
@@ -287,7 +293,45 @@ class QuantizedMamba2Reference(_QuantizedBackbone):
         return y, (conv_state, ssm_state)
 
 
-class MambaReference(_Backbone):
+class _MambaFpSSM:
+    """The fp Mamba1 SSM (transformers' MambaMixer math) between in_proj and the out_proj input,
+    shared by the fp reference (prefill, observed) and the W4A16 layers of the simulator
+    (prefill and decode, fp32 states). The linears run at the checkpoint's precision."""
+
+    def _optional(self, layer: int, name: str) -> torch.Tensor | None:
+        return self.tensors.get(mixer_prefix(layer) + name)
+
+    def _fp_ssm(self, layer: int, xz: torch.Tensor, state, decode: bool, see: Observer = lambda *_: None):
+        """in_proj output xz -> (y, fp32 (conv_state, ssm_state)); one sequence [T, 2I] when
+        prefilling (state None: a fresh one), one token per sequence [B, 2I] when decoding."""
+        s, w = self.shapes, lambda name: self.layer_tensor(layer, name)  # noqa: E731
+        x, z = torch.split(xz, [s.intermediate_size, s.intermediate_size], dim=-1)
+        see(layer, "x", x)
+        see(layer, "z", z)
+        conv_state, ssm_state = state
+        conv_w, conv_b = w("conv1d.weight").reshape(s.intermediate_size, -1), self._optional(layer, "conv1d.bias")
+        if decode:
+            u, conv_state = causal_conv1d_update_ref(x, conv_state, conv_w, conv_b, "silu")
+        else:
+            u, conv_state = causal_conv1d_ref(x, conv_w, conv_b, conv_state, "silu")
+        see(layer, "u", u)
+        x_dbl = self._linear(layer, "x_proj", u)
+        see(layer, "x_proj_output", x_dbl)
+        dt_low, B, C = torch.split(x_dbl, [s.time_step_rank, s.state_size, s.state_size], dim=-1)
+        dt = self._linear(layer, "dt_proj", dt_low)
+        see(layer, "dt", dt)
+        A, D, dt_bias = -torch.exp(w("A_log")), w("D"), self._optional(layer, "dt_proj.bias")
+        if decode:
+            y, ssm_state = mamba1_state_update_ref(ssm_state, u, dt, A, B, C, D, z, dt_bias)
+        else:
+            y, ssm_state = selective_scan_ref(
+                u, dt, A, B, C, D=D, z=z, delta_bias=dt_bias, delta_softplus=True, initial_state=ssm_state
+            )
+        see(layer, "ssm_state", ssm_state)
+        return y, (conv_state, ssm_state)
+
+
+class MambaReference(_MambaFpSSM, _Backbone):
     """fp32 forward of one Mamba1 sequence (transformers' MambaMixer math).
 
     ``online_hadamard`` rotates out_proj's input at runtime (pair it with
@@ -305,59 +349,40 @@ class MambaReference(_Backbone):
         """ids [T] -> logits [T, vocab]."""
         return self._run(ids, self._mixer)
 
-    def _optional(self, layer: int, name: str) -> torch.Tensor | None:
-        return self.tensors.get(mixer_prefix(layer) + name)
-
-    def _linear(self, layer: int, name: str, x: torch.Tensor) -> torch.Tensor:
-        """Without bias (dt_proj's is the scan's delta bias), at the checkpoint's precision:
-        fp for the source model, 4-bit for a W4A16 checkpoint."""
-        return linear(x, self.tensors, mixer_prefix(layer) + name + ".")
-
     def _mixer(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        s, see, w = self.shapes, self.observer, lambda name: self.layer_tensor(layer, name)  # noqa: E731
+        see = self.observer
         see(layer, "in_proj_input", h)
         xz = self._linear(layer, "in_proj", h)
         if self._optional(layer, "in_proj.bias") is not None:
-            xz = xz + w("in_proj.bias")
-        x, z = torch.split(xz, [s.intermediate_size, s.intermediate_size], dim=-1)
-        see(layer, "x", x)
-        see(layer, "z", z)
-        conv_w = w("conv1d.weight").reshape(s.intermediate_size, -1)
-        u, _ = causal_conv1d_ref(x, conv_w, self._optional(layer, "conv1d.bias"), None, "silu")
-        see(layer, "u", u)
-        x_dbl = self._linear(layer, "x_proj", u)
-        see(layer, "x_proj_output", x_dbl)
-        dt_low, B, C = torch.split(x_dbl, [s.time_step_rank, s.state_size, s.state_size], dim=-1)
-        dt = self._linear(layer, "dt_proj", dt_low)
-        see(layer, "dt", dt)
-        y, state = selective_scan_ref(
-            u, dt, -torch.exp(w("A_log")), B, C, D=w("D"), z=z,
-            delta_bias=self._optional(layer, "dt_proj.bias"), delta_softplus=True,
-        )
-        see(layer, "ssm_state", state)
+            xz = xz + self._optional(layer, "in_proj.bias")
+        y, _ = self._fp_ssm(layer, xz, (None, None), decode=False, see=see)
         if self.online_hadamard:
             y = hadamard_transform_ref(y)
         see(layer, "out_proj_input", y)
         out = self._linear(layer, "out_proj", y)
         if self._optional(layer, "out_proj.bias") is not None:
-            out = out + w("out_proj.bias")
+            out = out + self._optional(layer, "out_proj.bias")
         return out
 
 
-class QuantizedMambaReference(_QuantizedBackbone):
-    """The simulated W8A8 forward of a Mamba1 quamba checkpoint: the runtime's numerics spec.
+class QuantizedMambaReference(_MambaFpSSM, _QuantizedBackbone):
+    """The simulated forward of a Mamba1 quamba checkpoint: the runtime's numerics spec.
 
-    in_proj -> ``quamba_conv_*`` -> x_proj -> dt_proj -> ``quamba_scan_*`` -> [online Hadamard]
-    -> out_proj; the linears run at the checkpoint's precision (``linear``: all four W8A8, or
-    W4A8 but for the W8A8 dt_proj). The online Hadamard is applied
-    only when the checkpoint's ``quamba.hadamard`` is not null.
+    W8A8 and W4A8 layers: in_proj -> ``quamba_conv_*`` -> x_proj -> dt_proj -> ``quamba_scan_*``
+    with int8 states. W4A16 layers: in_proj -> the fp SSM of the stock mixer (fp dt_proj, fp32
+    states). Then [online Hadamard] -> out_proj. The linears run at the checkpoint's precision
+    (``linear``: all four W8A8; W4A8 but for the W8A8 dt_proj; W4A16 but for the fp dt_proj). The
+    online Hadamard is applied only when the checkpoint's ``quamba.hadamard`` is not null.
     """
 
     def __init__(self, config: dict[str, Any], tensors: dict[str, torch.Tensor]):
         super().__init__(config, tensors, MambaShapes.from_config(config))
-        section = config.get("quantization_config", {}).get("quamba", {})
+        section = quamba_section(config["quantization_config"])
         self.online_hadamard = section.get("hadamard") is not None
-        self.ssm = [mamba1_ssm_params(self._mixer_tensors(i), self.shapes) for i in range(self.shapes.num_layers)]
+        self.ssm = [
+            None if layer_precision(section, i) == "w4a16" else mamba1_ssm_params(self._mixer_tensors(i), self.shapes)
+            for i in range(self.shapes.num_layers)
+        ]
 
     def _x_proj_dt_proj(self, layer: int, u_q: torch.Tensor):
         p = self.ssm[layer]
@@ -371,13 +396,20 @@ class QuantizedMambaReference(_QuantizedBackbone):
         return self._linear(layer, "out_proj", y)
 
     def _mixer(self, layer, h, state, decode):
+        xz = self._linear(layer, "in_proj", h)
+        ssm_path = self._fp_ssm if self.ssm[layer] is None else self._int8_ssm
+        y, state = ssm_path(layer, xz, state, decode)
+        return self._out_proj(layer, y), state
+
+    def _int8_ssm(self, layer: int, xz: torch.Tensor, state, decode: bool):
+        """A W8A8/W4A8 layer's int8 SSM: in_proj output -> (y, int8 (conv_state, ssm_state))."""
         conv_state, ssm_state = state
         p = self.ssm[layer]
         conv_path, scan_path = (
             (quamba_conv_decode_ref, quamba_scan_decode_ref) if decode
             else (quamba_conv_prefill_ref, quamba_scan_prefill_ref)
         )
-        u_q, z_q, conv = conv_path(self._linear(layer, "in_proj", h), p, conv_state)
+        u_q, z_q, conv = conv_path(xz, p, conv_state)
         x_dbl, dt = self._x_proj_dt_proj(layer, u_q)
         y, ssm = scan_path(u_q, z_q, x_dbl, dt, p, ssm_state)
-        return self._out_proj(layer, y), (conv, ssm)
+        return y, (conv, ssm)

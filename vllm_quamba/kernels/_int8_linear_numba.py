@@ -1,6 +1,7 @@
 """numba kernels of the CPU W8A8 linear (see int8_linear.py); imported on first use only.
 
-One fused pass per call: quantize x to int8, int32 dot products, fp32 epilogue. fastmath stays
+One fused pass per call: quantize x to int8, int32 dot products, fp32 epilogue (the first and
+last also serve int8_linear's torch._int_mm path). fastmath stays
 off: integer sums are exact without it, and it would let LLVM contract the epilogue's multiply
 and add into an FMA, which rounds differently from the torch reference.
 
@@ -80,15 +81,33 @@ def _tile_4x4(x_q, m, weight, n, input_scale, weight_scale, bias, has_bias, out)
 
 
 @njit(cache=True, fastmath=False)
+def quantize_input(x, input_scale):
+    """x f32 [M, K] -> int8 [M, K] with the static scale (an fp32 value), as quantize_int8."""
+    x_q = np.empty(x.shape, dtype=np.int8)
+    # fp32 division is correctly rounded: the same reciprocal as torch's in quantize_int8.
+    _quantize(x, _F32(1.0) / _F32(input_scale), x_q)
+    return x_q
+
+
+@njit(cache=True, fastmath=False)
+def epilogue(acc, input_scale, weight_scale, bias, has_bias):
+    """int32 sums [M, N] -> f32 [M, N]: the kernel's epilogue for sums from another GEMM."""
+    out = np.empty(acc.shape, dtype=np.float32)
+    input_scale = _F32(input_scale)
+    for m in range(acc.shape[0]):
+        for n in range(acc.shape[1]):
+            _store(out, m, n, acc[m, n], input_scale, weight_scale, bias, has_bias)
+    return out
+
+
+@njit(cache=True, fastmath=False)
 def w8a8_linear_kernel(x, input_scale, weight, weight_scale, bias, has_bias):
     """x f32 [M, K], input_scale (an fp32 value), weight int8 [N, K], weight_scale f32 [N],
     bias f32 [N] (read only when has_bias) -> f32 [M, N]."""
     rows = x.shape[0]
     cols_out = weight.shape[0]
     input_scale = _F32(input_scale)
-    x_q = np.empty(x.shape, dtype=np.int8)
-    # fp32 division is correctly rounded: the same reciprocal as torch's in quantize_int8.
-    _quantize(x, _F32(1.0) / input_scale, x_q)
+    x_q = quantize_input(x, input_scale)
     out = np.empty((rows, cols_out), dtype=np.float32)
     full_rows = rows - rows % TILE
     full_cols = cols_out - cols_out % TILE

@@ -185,3 +185,59 @@ def w4_linear(weight_bytes, scales, x, group_bytes, x_rows_per_pass, quantize, i
     if quantize:
         out *= np.float32(input_scale)
     return out
+
+
+# Helpers of the GEMM-library candidates (w4_linear.cpu_candidates): the weight is unpacked one
+# tile of rows at a time into a buffer for torch.mm or torch._int_mm, even k (low nibbles) before
+# odd k (high nibbles), the order of x_even then x_odd, so that every store is contiguous (with
+# k in place, the interleaved stores did not vectorize: 2 ns per weight).
+
+
+@njit(cache=True)
+def dequantize_rows(weight_bytes, scales, group_bytes, start, out):
+    """out [rows, 2 * k_bytes] float32: q * scale of weight rows start:start + rows, even k in
+    columns :k_bytes, odd k after (padding nibbles past K included: the caller zeroes x there)."""
+    k_bytes = weight_bytes.shape[1]
+    for i in range(out.shape[0]):
+        for g in range(scales.shape[1]):
+            first, stop = g * group_bytes, min((g + 1) * group_bytes, k_bytes)
+            row = weight_bytes[start + i, first:stop]
+            even, odd = out[i, first:stop], out[i, k_bytes + first : k_bytes + stop]
+            scale = scales[start + i, g]
+            for t in range(row.shape[0]):
+                low, high = _nibbles(row[t])
+                even[t] = low * scale
+                odd[t] = high * scale
+
+
+@njit(cache=True)
+def unpack_groups(weight_bytes, group_bytes, start, out):
+    """out int8 [groups, rows, 2 * group_bytes]: q of weight rows start:start + rows, group by
+    group, even k then odd k within each group, zero past the packed words."""
+    k_bytes = weight_bytes.shape[1]
+    out[:] = 0
+    for g in range(out.shape[0]):
+        first, stop = g * group_bytes, min((g + 1) * group_bytes, k_bytes)
+        for i in range(out.shape[1]):
+            row = weight_bytes[start + i, first:stop]
+            even, odd = out[g, i, : stop - first], out[g, i, group_bytes : group_bytes + stop - first]
+            for t in range(row.shape[0]):
+                even[t] = np.int8(row[t] & np.uint8(15)) - np.int8(8)
+                odd[t] = np.int8(row[t] >> np.uint8(4)) - np.int8(8)
+
+
+@njit(cache=True)
+def scale_group_sums(acc, scales_t, start, input_scale, out):
+    """out[m, start + n] = input_scale * sum_g scales_t[g, start + n] * acc[g, m, n] (in g
+    order, as w4_matmul accumulates), for int32 acc [groups, M, rows] and the transposed
+    scales [groups, N]: loops over n innermost, which vectorize."""
+    rows = acc.shape[2]
+    for m in range(acc.shape[1]):
+        total = out[m, start : start + rows]
+        total[:] = 0.0
+        for g in range(acc.shape[0]):
+            scale, sums = scales_t[g, start : start + rows], acc[g, m]
+            for n in range(rows):
+                total[n] += scale[n] * np.float32(sums[n])
+        for n in range(rows):
+            total[n] *= np.float32(input_scale)

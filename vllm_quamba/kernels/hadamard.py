@@ -135,6 +135,12 @@ def _signed_hadamard_matrix(n: int) -> torch.Tensor:
     return torch.kron(_base_matrix(m).to(torch.int8), _sylvester_matrix(n // m))
 
 
+def hadamard_base(n: int) -> torch.Tensor:
+    """The +-1 base matrix [m, m] (float64) of size n = m * 2^k: hadamard_matrix(n) is
+    kron(base, Sylvester(2^k)) / sqrt(n), which fast kernels apply as butterflies then base."""
+    return _base_matrix(_base_order(n))
+
+
 def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Orthonormal [n, n] Hadamard matrix (entries +-1/sqrt(n), H @ H.T == I), a fresh tensor."""
     return _signed_hadamard_matrix(n).to(dtype) * (1.0 / math.sqrt(n))

@@ -10,11 +10,17 @@ input_scale fp32 scalar or [1], optional bias [N]:
 
 Public functions, all with the signature of w8a8_linear_ref:
 - w8a8_linear_ref: the plain-torch specification.
-- w8a8_linear_cpu: the CPU fast path, a single-threaded numba kernel (_int8_linear_numba) that
-  reads the int8 weight as stored (row-major [N, K]: no pre-packing step) in register tiles of
-  4 x 4 int32 accumulators, exact int32 sums. Measured with benchmarks/bench_linear.py it beats
-  fp32 F.linear at every row count from 1 to 512, so there is no large-M fallback: an exact
-  K-chunked fp32 GEMM on the int8 values was measured too and lost to plain fp32 at every M.
+- w8a8_linear_cpu: the CPU fast path, the faster on this machine and call shape (measured on
+  the first call of each shape class: measured_choice.py) of two exact kernels:
+  - a single-threaded numba kernel (_int8_linear_numba) that reads the int8 weight as stored
+    (row-major [N, K]: no pre-packing step) in register tiles of 4 x 4 int32 accumulators;
+    on an AVX2 CPU it beat fp32 F.linear at every row count from 1 to 512
+    (benchmarks/bench_linear.py), while torch's oneDNN int8 GEMMs were 12-20x slower than fp32;
+  - torch._int_mm (oneDNN) between the reference's quantization and epilogue: on a Xeon with
+    AMX it measured 3-6x faster than fp32 from 16 rows up, where the numba kernel (no VNNI/AMX)
+    lost to fp32.
+  Both sum exactly in int32 and round the epilogue as the reference, so the choice never changes
+  a result.
 - w8a8_linear_triton: the Triton kernel (CUDA tensors; on CPU only under TRITON_INTERPRET=1),
   tiles of 16 rows x 64 output channels, int8 tl.dot into int32. Tested in the interpreter
   only (no GPU here); it avoids the two GPU-only deviations from the reference it could have:
@@ -23,9 +29,11 @@ Public functions, all with the signature of w8a8_linear_ref:
 """
 
 import functools
+from collections.abc import Callable
 
 import torch
 
+from .measured_choice import MEASURED_ROWS, row_bucket, run_fastest
 from .quant import quantize_int8
 
 
@@ -56,22 +64,48 @@ def _f32_numpy(t: torch.Tensor):
     return t.numpy()
 
 
-def _numba_linear(x2d, weight, weight_scale, input_scale, bias) -> torch.Tensor:
-    from . import _int8_linear_numba  # numba loads on first call only: see DESIGN.md
-
-    # A Python float holds an fp32 value exactly; the kernel casts it back to fp32.
+def _numba_args(x2d, weight_scale, input_scale, bias):
+    """The numba kernels' forms of the inputs: fp32 arrays, the input scale as a Python float
+    (which holds an fp32 value exactly; the kernels cast it back to fp32), and the bias (or any
+    fp32 array when there is none) with its flag."""
     input_scale = input_scale.item() if isinstance(input_scale, torch.Tensor) else float(input_scale)
     weight_scale = _f32_numpy(weight_scale.reshape(-1))
     has_bias = bias is not None
+    return _f32_numpy(x2d), input_scale, weight_scale, _f32_numpy(bias) if has_bias else weight_scale, has_bias
+
+
+def _numba_linear(x2d, weight, weight_scale, input_scale, bias) -> torch.Tensor:
+    from . import _int8_linear_numba  # numba loads on first call only: see DESIGN.md
+
+    x, input_scale, weight_scale, bias, has_bias = _numba_args(x2d, weight_scale, input_scale, bias)
     out = _int8_linear_numba.w8a8_linear_kernel(
-        _f32_numpy(x2d), input_scale, weight.contiguous().numpy(), weight_scale,
-        _f32_numpy(bias) if has_bias else weight_scale, has_bias,
-    )  # fmt: skip
+        x, input_scale, weight.contiguous().numpy(), weight_scale, bias, has_bias
+    )
     return torch.from_numpy(out)
 
 
+def _int_mm_linear(x2d, weight, weight_scale, input_scale, bias) -> torch.Tensor:
+    """torch._int_mm between numba's quantization and epilogue (torch's own took 0.2 ms of a
+    0.5 ms 16-row in_proj)."""
+    from . import _int8_linear_numba
+
+    x, input_scale, weight_scale, bias, has_bias = _numba_args(x2d, weight_scale, input_scale, bias)
+    x_q = torch.from_numpy(_int8_linear_numba.quantize_input(x, input_scale))
+    acc = torch._int_mm(x_q, weight.t())
+    return torch.from_numpy(_int8_linear_numba.epilogue(acc.numpy(), input_scale, weight_scale, bias, has_bias))
+
+
+def cpu_candidates(x2d, weight, weight_scale, input_scale, bias) -> dict[str, Callable[[], torch.Tensor]]:
+    """The exact CPU kernels for x2d [M, K], by name, each returning fp32 [M, N]."""
+    args = (x2d, weight, weight_scale, input_scale, bias)
+    return {"numba": lambda: _numba_linear(*args), "int_mm": lambda: _int_mm_linear(*args)}
+
+
 def w8a8_linear_cpu(x, weight, weight_scale, input_scale, bias=None, out_dtype=None) -> torch.Tensor:
-    y = _numba_linear(x.reshape(-1, x.shape[-1]), weight, weight_scale, input_scale, bias)
+    x2d = x.reshape(-1, x.shape[-1])
+    key = ("w8a8", row_bucket(x2d.shape[0]), *weight.shape)
+    args = (weight, weight_scale, input_scale, bias)
+    y = run_fastest(key, cpu_candidates(x2d, *args), lambda: cpu_candidates(x2d[:MEASURED_ROWS], *args))
     if x.dim() != 2:
         y = y.reshape(*x.shape[:-1], weight.shape[0])
     return y.to(out_dtype or x.dtype)

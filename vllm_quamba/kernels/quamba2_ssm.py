@@ -28,8 +28,7 @@ import torch
 
 from .causal_conv1d import causal_conv1d_ref, causal_conv1d_update_ref
 from .gated_rmsnorm import gated_rmsnorm_ref
-from .hadamard import _base_matrix as _hadamard_base_matrix
-from .hadamard import _base_order as _hadamard_base_order
+from .hadamard import hadamard_base
 from .quant import dequantize_int8, quantize_int8
 from .selective_state_update import mamba2_state_update_ref
 from .ssd_chunk_scan import ssd_chunk_scan_ref
@@ -241,7 +240,6 @@ def _scalar_pair(scale: torch.Tensor) -> tuple[np.float32, np.float32]:
 def _cpu_weights(p: Quamba2SSMParams) -> Quamba2CpuWeights:
     rows = p.state_scale.reshape(-1, p.state_size).to(torch.float32)
     table, row_index = torch.unique(rows, dim=0, return_inverse=True)
-    base_order = _hadamard_base_order(p.intermediate_size)
     z_scale, z_inv = _scalar_pair(p.z_scale)
     dt_scale, dt_inv = _scalar_pair(p.dt_scale)
     return Quamba2CpuWeights(
@@ -260,7 +258,7 @@ def _cpu_weights(p: Quamba2SSMParams) -> Quamba2CpuWeights:
         state_scale_row=row_index.to(torch.int64).contiguous().numpy(),
         state_scale_table=_numpy_f32(table),
         state_inv_table=_numpy_f32(table.reciprocal()),
-        hadamard_base=_numpy_f32(_hadamard_base_matrix(base_order)),
+        hadamard_base=_numpy_f32(hadamard_base(p.intermediate_size)),
         hadamard_scale=np.float32(1.0 / math.sqrt(p.intermediate_size)),
         rotate=False,
         num_heads=p.num_heads, head_dim=p.head_dim, state_size=p.state_size, n_groups=p.n_groups,

@@ -13,17 +13,15 @@ chunked matmul form worth having on CPU: the fast path is the same loop, compile
 
 - selective_scan_ref: one sequence, a plain torch token loop (the definition).
 - selective_scan_varlen_cpu: a packed batch of sequences (cu_seqlens), numba-compiled loops
-  over sequences -> blocks of 256 channels (in parallel) -> tokens -> states -> channels, the
-  block's [N, 256] state kept in a local array and the channel loop vectorized (own exp, below).
+  (_selective_scan_numba, loaded on first call) over sequences -> blocks of 256 channels (in
+  parallel) -> tokens -> states -> channels, the block's [N, 256] state kept in a local array
+  and the channel loop vectorized (an exp of its own: _numba_math).
 - mamba1_state_update_ref: one decode step for a batch of states.
 
 Compute is float32 everywhere; y comes back in u's (x's) dtype, scan states in float32.
 softplus follows torch's F.softplus: x for x > 20, log1p(exp(x)) otherwise.
 """
 
-import math
-
-import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -101,102 +99,6 @@ def mamba1_state_update_ref(
     return _skip_and_gate(y, x32, D, z).to(x.dtype), new_state.to(state.dtype)
 
 
-# exp for the compiled path: exp(x) = 2^k * exp(r), k = round(x / ln 2), r = x - k ln 2 (ln 2 split in a
-# short exact head and a tail so k * head is exact), exp(r) by its degree-7 Taylor polynomial
-# (|r| <= ln(2)/2: truncation ~5e-9 relative, below fp32's 6e-8), 2^k written as exponent bits into an
-# int32 array viewed as float32. No libm call and no table gather, so LLVM vectorizes the channel loop.
-# x is clamped to [-87, 88]: below, the result would be < 1.7e-38 (torch: a subnormal or 0).
-_LOG2E = np.float32(1.4426950408889634)
-_LN2_HI = np.float32(0.693359375)
-_LN2_LO = np.float32(-2.12194440e-4)
-_EXP_MIN, _EXP_MAX = np.float32(-87.0), np.float32(88.0)
-_TAYLOR = tuple(np.float32(1.0 / math.factorial(i)) for i in range(8))
-_HALF = np.float32(0.5)
-_SOFTPLUS_THRESHOLD = np.float32(20.0)
-# Channels per parallel work item: a [16, 256] fp32 state block is 16 KiB, it stays in L1.
-CHANNEL_BLOCK = 256
-
-
-@numba.njit(cache=True, fastmath=False, inline="always")
-def _exp_reduced(x, k):
-    """exp(x - k ln 2) for k = round(x / ln 2): the polynomial half of exp(x) = 2^k * exp(r)."""
-    r = (x - k * _LN2_HI) - k * _LN2_LO
-    c0, c1, c2, c3, c4, c5, c6, c7 = _TAYLOR
-    return c0 + r * (c1 + r * (c2 + r * (c3 + r * (c4 + r * (c5 + r * (c6 + r * c7))))))
-
-
-@numba.njit(cache=True, fastmath=False)
-def _softplus(x):
-    if x > _SOFTPLUS_THRESHOLD:
-        return x
-    return np.float32(math.log1p(math.exp(x)))
-
-
-@numba.njit(cache=True, fastmath=False)
-def _scan_block(u, delta, z, A_t, B, C, D, bias, softplus, has_z, state, y):
-    """One sequence, one block of channels, in place.
-
-    u/delta/z/y[T, Db] (token-major), A_t/state[N, Db], B/C[T, N], D/bias[Db]. Loops run
-    token -> state -> channel, so the innermost loop is over contiguous channels and has no
-    reduction: y[t, d] accumulates state[n, d] * C[t, n] in the order n = 0 .. N-1.
-    """
-    n_states, channels = A_t.shape
-    poly = np.empty(channels, dtype=np.float32)
-    scale_bits = np.empty(channels, dtype=np.int32)
-    scale = scale_bits.view(np.float32)  # 2^k built from its exponent bits: no gather, vectorizes
-    dt = np.empty(channels, dtype=np.float32)
-    dt_u = np.empty(channels, dtype=np.float32)
-    acc = np.empty(channels, dtype=np.float32)
-    for t in range(u.shape[0]):
-        for d in range(channels):
-            step = delta[t, d] + bias[d]
-            if softplus:
-                step = _softplus(step)
-            dt[d] = step
-            dt_u[d] = step * u[t, d]
-            acc[d] = np.float32(0.0)
-        for n in range(n_states):
-            b, c = B[t, n], C[t, n]
-            a_row, s_row = A_t[n], state[n]
-            for d in range(channels):
-                x = min(max(dt[d] * a_row[d], _EXP_MIN), _EXP_MAX)
-                k = np.floor(x * _LOG2E + _HALF)
-                poly[d] = _exp_reduced(x, k)
-                scale_bits[d] = (np.int32(k) + np.int32(127)) << np.int32(23)
-            for d in range(channels):
-                s = (poly[d] * scale[d]) * s_row[d] + dt_u[d] * b
-                s_row[d] = s
-                acc[d] += s * c
-        for d in range(channels):
-            out = acc[d] + D[d] * u[t, d]
-            if has_z:
-                zt = z[t, d]
-                out = out * (zt / (np.float32(1.0) + np.float32(math.exp(-zt))))
-            y[t, d] = out
-
-
-@numba.njit(cache=True, fastmath=False, parallel=True)
-def _varlen_scan_kernel(u, delta, z, A_t, B, C, D, bias, cu_seqlens, init_t, has_init, softplus, has_z, block,
-                        y, final_t):  # fmt: skip
-    """Token-major u/delta/z/y[total_T, Dm]; A_t[N, Dm]; B/C[total_T, N]; init_t/final_t[S, N, Dm]."""
-    n_states, channels = A_t.shape
-    num_blocks = (channels + block - 1) // block
-    for s in range(cu_seqlens.shape[0] - 1):
-        start, end = cu_seqlens[s], cu_seqlens[s + 1]
-        for i in numba.prange(num_blocks):
-            lo, hi = i * block, min((i + 1) * block, channels)
-            state = np.zeros((n_states, hi - lo), dtype=np.float32)
-            if has_init[s]:
-                state[:, :] = init_t[s, :, lo:hi]
-            z_blk = z[start:end, lo:hi] if has_z else z[0:0, 0:0]
-            a_blk = np.ascontiguousarray(A_t[:, lo:hi])  # the inner loop wants unit stride
-            _scan_block(
-                u[start:end, lo:hi], delta[start:end, lo:hi], z_blk, a_blk, B[start:end], C[start:end],
-                D[lo:hi], bias[lo:hi], softplus, has_z, state, y[start:end, lo:hi],
-            )  # fmt: skip
-            final_t[s, :, lo:hi] = state
-
-
 def _f32_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
 
@@ -234,9 +136,11 @@ def selective_scan_varlen_cpu(
         init_t = _f32_numpy(initial_states.transpose(1, 2))
     z_np = _f32_numpy(z) if z is not None else np.zeros((1, 1), dtype=np.float32)
 
+    from ._selective_scan_numba import CHANNEL_BLOCK, varlen_scan_kernel  # numba loads on first call only
+
     y_np = np.zeros((total_tokens, channels), dtype=np.float32)
     final_t = np.zeros((num_seqs, n_states, channels), dtype=np.float32)
-    _varlen_scan_kernel(
+    varlen_scan_kernel(
         _f32_numpy(u), _f32_numpy(delta), z_np, _f32_numpy(A.T), _f32_numpy(B), _f32_numpy(C),
         _f32_numpy(D if D is not None else zeros_channels),
         _f32_numpy(delta_bias if delta_bias is not None else zeros_channels),

@@ -18,20 +18,30 @@ API (each op has the same four entry points):
 - ``w4a16_linear_ref`` / ``w4a8_linear_ref``: plain torch, the specification.
 - ``w4a16_linear_cpu(x, packed, bias)`` / ``w4a8_linear_cpu(x, packed, input_scale, bias)``: the
   CPU path on a ``PackedW4`` from ``prepack_w4(...)`` (a view of the checkpoint tensors, no copy;
-  call it once after loading). One single-threaded numba kernel for every M: it unpacks the
-  nibbles in its inner loop and multiplies 4 weight rows by 4 x rows per pass, so each weight
-  byte is unpacked once per 4 rows of x and each x load serves 4 weight rows. On the dev CPU it
-  beat dequantizing L2-sized weight tiles for torch.mm at every M measured (1 to 512).
+  call it once after loading). Two kernels compete per call shape (``measured_choice``: the
+  faster on this machine wins):
+  - one single-threaded numba kernel for every M: it unpacks the nibbles in its inner loop and
+    multiplies 4 weight rows by 4 x rows per pass, so each weight byte is unpacked once per 4
+    rows of x and each x load serves 4 weight rows. On an AMD Zen 5 (AVX-512, no AMX) it beat
+    dequantizing weight tiles for torch.mm at every M measured (1 to 512);
+  - the GEMM library on weight tiles unpacked one at a time (1 MiB, L2-resident): W4A16 by
+    torch.mm on dequantized fp32 tiles, W4A8 by torch._int_mm per group on int8 tiles. On a
+    Xeon with AMX the numba kernel lost to fp32 F.linear from 16 rows up (0.3x at 128 rows),
+    where these win.
+  W4A8's per-group integer sums are exact in both; the float sums over k (W4A16) and over
+  groups differ only in order, within the tests' stated fp32 tolerance.
 - ``w4a16_linear_triton`` / ``w4a8_linear_triton``: a Triton kernel (GPU, or CPU under
   TRITON_INTERPRET=1); W4A8 multiplies int8 by int8 into int32 one group at a time.
 - ``w4a16_linear`` / ``w4a8_linear``: dispatch on x's device (CUDA -> Triton, CPU -> numba path),
   with the reference's signature.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from vllm_quamba.kernels.measured_choice import MEASURED_ROWS, row_bucket, run_fastest
 from vllm_quamba.kernels.quant import quantize_int8
 
 try:
@@ -43,6 +53,8 @@ except ImportError:  # CPU installs without triton still get the reference and t
 PACK_FACTOR = 8  # 4-bit values per int32 word
 # x rows per pass of the numba kernel: they stay in L2 (1 MiB) while all weight rows stream by.
 X_PASS_BYTES = 256 * 1024
+# Weight rows unpacked per tile for torch.mm / torch._int_mm: a tile stays in L2.
+LIBRARY_TILE_BYTES = 1 << 20
 
 
 def _check_layout(weight_packed: torch.Tensor, weight_scale: torch.Tensor, group_size: int, weight_shape) -> tuple[int, int]:
@@ -149,14 +161,87 @@ def _numba_linear(x: torch.Tensor, packed: PackedW4, input_scale=None) -> torch.
     return torch.from_numpy(y)
 
 
+def _padded_x(x: torch.Tensor, packed: PackedW4, width: int) -> torch.Tensor:
+    """x as float32 [M, width], zero past K (zero inputs cancel the packing's padding nibbles)."""
+    x2d = x.reshape(-1, packed.in_features).to(torch.float32)
+    return torch.nn.functional.pad(x2d, (0, width - packed.in_features))
+
+
+def _even_then_odd(x: torch.Tensor) -> torch.Tensor:
+    """[M, 2j] -> [M, 2j] with the even columns first: the unpacked tiles' order of k."""
+    return torch.cat([x[:, 0::2], x[:, 1::2]], dim=1)
+
+
+def _tile_rows(packed: PackedW4, bytes_per_row: int) -> int:
+    return max(1, min(packed.out_features, LIBRARY_TILE_BYTES // bytes_per_row))
+
+
+def _dequantized_mm(x: torch.Tensor, packed: PackedW4) -> torch.Tensor:
+    """W4A16 by torch.mm on fp32 weight tiles dequantized one at a time: float32 [M, N]."""
+    from vllm_quamba.kernels._w4_linear_numba import dequantize_rows
+
+    width = 2 * packed.weight_bytes.shape[1]
+    x_padded = _even_then_odd(_padded_x(x, packed, width))
+    out_t = torch.empty(packed.out_features, x_padded.shape[0])
+    tile = torch.empty(_tile_rows(packed, 4 * width), width)
+    weight_bytes, scales = packed.weight_bytes.numpy(), packed.weight_scale.numpy()
+    for start in range(0, packed.out_features, tile.shape[0]):
+        rows = tile[: min(tile.shape[0], packed.out_features - start)]
+        dequantize_rows(weight_bytes, scales, packed.group_size // 2, start, rows.numpy())
+        torch.mm(rows, x_padded.t(), out=out_t[start : start + rows.shape[0]])
+    return out_t.t().contiguous()
+
+
+def _int_mm_by_group(x: torch.Tensor, packed: PackedW4, input_scale) -> torch.Tensor:
+    """W4A8 by torch._int_mm, one group of K at a time (each group has its own scale), on int8
+    weight tiles unpacked one at a time: float32 [M, N]."""
+    from vllm_quamba.kernels._int8_linear_numba import quantize_input
+    from vllm_quamba.kernels._w4_linear_numba import scale_group_sums, unpack_groups
+
+    groups, group_size = packed.weight_scale.shape[1], packed.group_size
+    input_scale = float(input_scale)
+    x_q = torch.from_numpy(quantize_input(_padded_x(x, packed, groups * group_size).contiguous().numpy(), input_scale))
+    x_groups = [_even_then_odd(x_q[:, g * group_size : (g + 1) * group_size]) for g in range(groups)]
+    out = torch.empty(x_q.shape[0], packed.out_features)
+    tile_rows = _tile_rows(packed, groups * group_size)
+    weight_bytes, scales_t = packed.weight_bytes.numpy(), packed.weight_scale.t().contiguous().numpy()
+    for start in range(0, packed.out_features, tile_rows):
+        rows = min(tile_rows, packed.out_features - start)
+        tile = torch.empty(groups, rows, group_size, dtype=torch.int8)
+        unpack_groups(weight_bytes, group_size // 2, start, tile.numpy())
+        acc = torch.empty(groups, x_q.shape[0], rows, dtype=torch.int32)
+        for g in range(groups):
+            torch._int_mm(x_groups[g], tile[g].t(), out=acc[g])
+        scale_group_sums(acc.numpy(), scales_t, start, input_scale, out.numpy())
+    return out
+
+
+def cpu_candidates(x: torch.Tensor, packed: PackedW4, input_scale=None) -> dict[str, Callable[[], torch.Tensor]]:
+    """The CPU kernels for x [..., K] by name, each returning float32 [M, N]: W4A8 when
+    input_scale is given, else W4A16."""
+    if input_scale is None:
+        return {"numba": lambda: _numba_linear(x, packed), "dequantized_mm": lambda: _dequantized_mm(x, packed)}
+    return {
+        "numba": lambda: _numba_linear(x, packed, input_scale),
+        "int_mm_by_group": lambda: _int_mm_by_group(x, packed, input_scale),
+    }
+
+
+def _cpu_linear(x: torch.Tensor, packed: PackedW4, input_scale=None) -> torch.Tensor:
+    x2d = x.reshape(-1, packed.in_features)
+    key = ("w4a16" if input_scale is None else "w4a8", row_bucket(x2d.shape[0]), packed.out_features, packed.in_features)
+    trials = lambda: cpu_candidates(x2d[:MEASURED_ROWS], packed, input_scale)  # noqa: E731
+    return run_fastest(key, cpu_candidates(x2d, packed, input_scale), trials)
+
+
 def w4a16_linear_cpu(x: torch.Tensor, packed: PackedW4, bias: torch.Tensor | None = None) -> torch.Tensor:
-    return _finish(_numba_linear(x, packed), x, bias)
+    return _finish(_cpu_linear(x, packed), x, bias)
 
 
 def w4a8_linear_cpu(x: torch.Tensor, packed: PackedW4, input_scale, bias: torch.Tensor | None = None) -> torch.Tensor:
     """input_scale: a float or a one-element tensor (a float avoids a .item() per call)."""
     # int8 values are exact in float32; the kernel's per-group sums stay exact integers (< 2^24).
-    return _finish(_numba_linear(x, packed, input_scale), x, bias)
+    return _finish(_cpu_linear(x, packed, input_scale), x, bias)
 
 
 # ---------------------------------------------------------------------------------------------

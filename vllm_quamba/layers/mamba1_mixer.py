@@ -1,8 +1,10 @@
-"""QuambaMixer: vLLM's Mamba1 ``MambaMixer`` with the Quamba W8A8/W4A8 path and int8 state cache;
-QuambaW4A16Mixer: the stock fp mixer with 4-bit weight-only linears (W4A16).
+"""QuambaMixer: vLLM's Mamba1 ``MambaMixer`` for every layer of a quamba checkpoint, at its
+layer's precision: the Quamba int8 SSM path with an int8 state cache (W8A8, W4A8), or the stock
+fp SSM and fp32 states with 4-bit weight-only linears (W4A16). A W4AX model has both kinds of
+layer, each with its own state dtype in vLLM's Mamba state cache (``get_state_dtype``).
 
-Forward, per layer (numerics defined in ``vllm_quamba.kernels.quamba_ssm``; the reference is
-``converters.simulate.QuantizedMambaReference``):
+Forward of an int8-SSM layer (numerics defined in ``vllm_quamba.kernels.quamba_ssm``; the
+reference of every layer is ``converters.simulate.QuantizedMambaReference``):
 
     in_proj (the scheme of the checkpoint's config group: W8A8 int8 or W4A8, static input scale)
     -> [A] conv: decode tokens (first in the batch) in one batched ``quamba_conv_decode_ref``,
@@ -21,6 +23,10 @@ so this mixer reads it from the current vLLM config and rebuilds the four linear
 Every other tensor of the format table (``format.mamba1_mixer_tensors``) is a plain
 parameter of the checkpoint's dtype, checked when loaded and again after loading
 (``process_weights_after_loading``), where ``self.ssm_params`` is built.
+
+A W4A16 layer keeps the stock mixer (conv1d, scan, fp dt_proj with its bias, fp32 states and
+the stock parameter names and loaders, quamba.md section 2.5) with in_proj, x_proj and out_proj
+rebuilt 4-bit, and the online Hadamard on out_proj's input when the checkpoint has it.
 """
 
 from __future__ import annotations
@@ -79,7 +85,8 @@ def quamba_online_hadamard(quant_config) -> bool:
 
 
 class QuambaMixer(CheckpointTensorsMixin, MambaMixer):
-    """Mamba1 mixer of a quamba W8A8 or W4A8 checkpoint (tensor parallel size 1)."""
+    """Mamba1 mixer of one layer of a quamba checkpoint, at that layer's precision (tensor
+    parallel size 1)."""
 
     def __init__(
         self,
@@ -150,9 +157,15 @@ class QuambaMixer(CheckpointTensorsMixin, MambaMixer):
             num_layers=num_layers or 0,
         )
 
-        # The four linears again, now with the quant config (the schemes of its config groups).
-        # dt_proj has no bias: the source's fp bias is the checkpoint's int8 dt_bias.
+        # The linears again, now with the quant config (the schemes of its config groups).
         rebuild_quantized_linears(self, hidden_size, self.shapes.x_proj_dim, quant_config, prefix)
+        self.ssm_params: QuambaSSMParams | None = None
+        if self.fp_ssm:
+            self._ssm_tensor_specs = {}  # the stock parameters load the fp SSM tensors
+            self.out_proj.register_forward_pre_hook(self._out_proj_input)
+            return
+
+        # dt_proj has no bias: the source's fp bias is the checkpoint's int8 dt_bias.
         self.dt_proj = ColumnParallelLinear(
             time_step_rank, intermediate_size, bias=False,
             quant_config=quant_config, prefix=f"{prefix}.dt_proj",
@@ -167,7 +180,19 @@ class QuambaMixer(CheckpointTensorsMixin, MambaMixer):
 
         self.register_checkpoint_tensors(quamba_mixer1_ssm_tensors(self.shapes, self.precision))
 
-        self.ssm_params: QuambaSSMParams | None = None
+    @property
+    def fp_ssm(self) -> bool:
+        return self.precision == "w4a16"
+
+    def get_state_dtype(self) -> tuple[torch.dtype, ...]:
+        return MambaMixer.get_state_dtype(self) if self.fp_ssm else super().get_state_dtype()
+
+    def _out_proj_input(self, module: torch.nn.Module, args: tuple) -> tuple:
+        """fp-SSM layers: out_proj's input made contiguous (the stock forward hands it a
+        transposed view whenever the batch holds a prefill; the CPU linear needs stride 1), then
+        the online Hadamard when the checkpoint has it (its transpose is fused into the weight)."""
+        y = args[0].contiguous()
+        return (hadamard_transform_ref(y) if self.online_hadamard else y, *args[1:])
 
     def format_tensors(self):
         """Name -> (shape, dtype) of every checkpoint tensor of this mixer (format.py's table)."""
@@ -177,6 +202,8 @@ class QuambaMixer(CheckpointTensorsMixin, MambaMixer):
     def process_weights_after_loading(self, act_dtype: torch.dtype | None = None) -> None:
         """Check the loaded tensors and build ``self.ssm_params`` (called by vLLM's loader
         on every attention-like layer once all weights are in)."""
+        if self.fp_ssm:
+            return
         tensors = self.checked_checkpoint_tensors()
         # mamba1_ssm_params reads u's scale as x_proj's input scale: the scheme's parameter.
         u_scale = self.x_proj.input_scale.data.reshape(-1)
@@ -191,6 +218,8 @@ class QuambaMixer(CheckpointTensorsMixin, MambaMixer):
     # ----- forward ---------------------------------------------------------------------------
     def forward_impl(self, hidden_states: torch.Tensor, output: torch.Tensor) -> None:
         """Called by vLLM's ``mamba_mixer`` custom op (``MambaMixer.forward``)."""
+        if self.fp_ssm:
+            return MambaMixer.forward_impl(self, hidden_states, output)
         batch = self.batch_state_caches(output)
         if batch is None:
             return
@@ -276,29 +305,3 @@ def rebuild_quantized_linears(
         intermediate_size, hidden_size, bias=False, input_is_parallel=True,
         quant_config=quant_config, prefix=f"{prefix}.out_proj",
     )  # fmt: skip
-
-
-class QuambaW4A16Mixer(MambaMixer):
-    """Mamba1 mixer of a quamba W4A16 checkpoint: the stock fp SSM (conv1d, scan, fp dt_proj
-    and states), with in_proj, x_proj and out_proj rebuilt with the quant config (4-bit
-    weight-only; the stock mixer builds its linears without one), and the online Hadamard on
-    out_proj's input when the checkpoint has it (its transpose is fused into the weight).
-
-    The pre-hook also makes out_proj's input contiguous: the stock forward hands it a
-    transposed view whenever the batch holds a prefill.
-    """
-
-    def __init__(self, *args, prefix: str = "", **kwargs):
-        super().__init__(*args, prefix=prefix, **kwargs)
-        if get_tensor_model_parallel_world_size() != 1:
-            raise NotImplementedError("quamba checkpoints are served with tensor_parallel_size=1 only")
-        if self.in_proj.bias is not None:
-            raise NotImplementedError("quamba Mamba1 mixers have no in_proj/out_proj bias")
-        quant_config = get_current_vllm_config().quant_config
-        rebuild_quantized_linears(self, self.in_proj.input_size, self.x_proj.output_size, quant_config, prefix)
-        self.online_hadamard = quamba_online_hadamard(quant_config)
-        self.out_proj.register_forward_pre_hook(self._out_proj_input)
-
-    def _out_proj_input(self, module: torch.nn.Module, args: tuple) -> tuple:
-        y = args[0].contiguous()
-        return (hadamard_transform_ref(y) if self.online_hadamard else y, *args[1:])

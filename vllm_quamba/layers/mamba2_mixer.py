@@ -11,7 +11,8 @@ Forward, per layer (numerics defined in ``vllm_quamba.kernels.quamba2_ssm``):
        the result is already the gated-RMSNorm output y
        (on the CPU: ``quamba2_ssm_decode_cpu`` for all decodes and ``quamba2_ssm_prefill_cpu``
        for all prefills, numba kernels that also apply the Hadamard transform below)
-    -> online Hadamard transform of y (``kernels.hadamard``)
+    -> online Hadamard transform of y (``kernels.hadamard``), unless the checkpoint's
+       ``quamba.hadamard`` is null (the naive baseline)
     -> out_proj (compressed-tensors W8A8 int8 scheme, static input scale)
 
 Parameters: in_proj/out_proj come from their quant scheme; every other tensor of the format
@@ -39,6 +40,7 @@ from ..format import (
 )
 from ..kernels.hadamard import hadamard_transform_ref
 from .checkpoint_tensors import CheckpointTensorsMixin, TensorHolder
+from .mamba1_mixer import quamba_online_hadamard
 from ..kernels.quamba2_ssm import (
     Quamba2SSMParams,
     quamba2_ssm_decode_cpu,
@@ -147,9 +149,11 @@ class QuambaMixer2(CheckpointTensorsMixin, MambaMixer2):
         self.rms_norm_eps = rms_norm_eps
         self.chunk_size = model_config.get_mamba_chunk_size() if model_config is not None else 256
         self.ssm_params: Quamba2SSMParams | None = None
+        self.online_hadamard = quamba_online_hadamard(quant_config)
         if self.fp_ssm:
             self._ssm_tensor_specs = {}  # the stock parameters load the fp SSM tensors
-            self.out_proj.register_forward_pre_hook(_hadamard_input)
+            if self.online_hadamard:
+                self.out_proj.register_forward_pre_hook(_hadamard_input)
             return
 
         # Drop the stock fp SSM parameters (conv1d Linear and its weight view, A, D, dt_bias,
@@ -226,8 +230,9 @@ class QuambaMixer2(CheckpointTensorsMixin, MambaMixer2):
             projected_states, ssm_output, _encode_layer_name(self.prefix)
         )
         # The CPU kernels end with the Hadamard transform themselves (see conv_ssm_forward).
-        rotated = ssm_output if ssm_output.is_cpu else hadamard_transform_ref(ssm_output)
-        output, _ = self.out_proj(rotated)
+        if self.online_hadamard and not ssm_output.is_cpu:
+            ssm_output = hadamard_transform_ref(ssm_output)
+        output, _ = self.out_proj(ssm_output)
         return output
 
     def conv_ssm_forward(self, projected_states: torch.Tensor, output: torch.Tensor) -> None:
@@ -274,7 +279,8 @@ class QuambaMixer2(CheckpointTensorsMixin, MambaMixer2):
 
     def _conv_ssm_cpu(self, projected_states, output, attn_metadata, conv_cache, ssm_cache, num_tokens):
         """CPU fast path: one numba call for all decodes and one for all prefills, states updated
-        in place in the cache, ``output`` already Hadamard-rotated (out_proj's input)."""
+        in place in the cache, ``output`` already Hadamard-rotated when the checkpoint has the
+        online Hadamard (out_proj's input)."""
         params = self.ssm_params
         num_decode_tokens = attn_metadata.num_decode_tokens
         result = output[:num_tokens]
@@ -284,14 +290,14 @@ class QuambaMixer2(CheckpointTensorsMixin, MambaMixer2):
             quamba2_ssm_decode_cpu(
                 projected_states[:num_decode_tokens], params, conv_cache, ssm_cache,
                 attn_metadata.state_indices_tensor_d[:, 0], out=result[:num_decode_tokens],
-                rotate_output=True,
+                rotate_output=self.online_hadamard,
             )  # fmt: skip
         if attn_metadata.num_prefills > 0:
             quamba2_ssm_prefill_cpu(
                 projected_states[num_decode_tokens:num_tokens], params, conv_cache, ssm_cache,
                 attn_metadata.query_start_loc_p, attn_metadata.state_indices_tensor_p,
                 attn_metadata.has_initial_states_p, out=result[num_decode_tokens:],
-                rotate_output=True,
+                rotate_output=self.online_hadamard,
             )  # fmt: skip
         if result.data_ptr() != output.data_ptr():
             output[:num_tokens] = result.to(output.dtype)

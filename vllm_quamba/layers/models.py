@@ -36,16 +36,13 @@ from ..format import (
     EMBEDDING,
     LM_HEAD,
     QUANT_METHOD,
-    MambaShapes,
     QuambaFormatError,
     check_tensor,
     head_to_toe_tensors,
-    mamba1_mixer_tensors,
-    mixer_prefix,
     quamba_section,
 )
 from .checkpoint_tensors import QUAMBA_STATE_DTYPES
-from .mamba1_mixer import QuambaMixer, QuambaW4A16Mixer
+from .mamba1_mixer import QuambaMixer
 from .mamba2_mixer import QuambaMixer2
 
 
@@ -167,7 +164,7 @@ def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:
 
 class QuambaMambaForCausalLM(_QuambaModelMixin, MambaForCausalLM):
     """vLLM's ``MambaForCausalLM``, made to run on the CPU platform, and serving quamba
-    Mamba1 checkpoints (W8A8, W4A8, W4A16).
+    Mamba1 checkpoints (W8A8, W4A8, W4A16, W4AX).
 
     Unquantized: the scan kernels vLLM-CPU lacks are supplied as ops by
     ``vllm_quamba.layers.mamba1_ops`` (registered in :func:`vllm_quamba.register`). One more
@@ -178,19 +175,16 @@ class QuambaMambaForCausalLM(_QuambaModelMixin, MambaForCausalLM):
     input contiguous; nothing else changes (off the CPU platform the class is the stock one).
 
     Quamba checkpoint (``vllm_config.quant_config`` is a ``QuambaConfig``): every decoder layer
-    gets a ``QuambaMixer`` (``layers.mamba1_mixer``; W8A8 and W4A8), swapped in like
+    gets a ``QuambaMixer`` (``layers.mamba1_mixer``) at its layer's precision, swapped in like
     ``QuambaMixer2`` above (``_pluggable_layer_replaced`` only while the stock constructor
-    runs), with int8 states, and the same streaming shape/dtype checks and completeness check
-    at load. W4A16: a ``QuambaW4A16Mixer`` (the stock fp SSM and states, 4-bit linears).
+    runs): W8A8 and W4A8 layers with int8 states, W4A16 layers with the stock fp SSM and fp32
+    states (W4AX: both); and the same streaming shape/dtype checks and completeness check at
+    load.
     """
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         self.checkpoint_specs = {}
-        recipe = quamba_recipe(vllm_config)
-        if recipe == "w4a16":
-            self._init_w4a16(vllm_config, prefix)
-            return
-        if recipe is not None:
+        if quamba_recipe(vllm_config) is not None:
             self._init_with_quamba_mixers(vllm_config, prefix, MambaMixer, QuambaMixer)
             self.checkpoint_specs = self._quamba_mixer_specs()
             return
@@ -200,17 +194,6 @@ class QuambaMambaForCausalLM(_QuambaModelMixin, MambaForCausalLM):
             for module in self.modules():
                 if isinstance(module, MambaMixer):
                     module.out_proj.register_forward_pre_hook(_contiguous_input)
-
-    def _init_w4a16(self, vllm_config: VllmConfig, prefix: str) -> None:
-        """The stock fp SSM (quamba.md section 2.5) keeps the stock parameter names and
-        loaders: the checkpoint's mixer tensors are checked against the format's W4A16 table."""
-        self._init_with_quamba_mixers(vllm_config, prefix, MambaMixer, QuambaW4A16Mixer)
-        self.quamba_mixers = []  # no renamed parameters for the completeness check to map
-        shapes = MambaShapes.from_config(vllm_config.model_config.hf_config.to_dict())
-        table = mamba1_mixer_tensors(shapes, "w4a16")
-        self.checkpoint_specs = {
-            mixer_prefix(layer) + rel: spec for layer in range(shapes.num_layers) for rel, spec in table.items()
-        }
 
 
 def _checked_stream(
