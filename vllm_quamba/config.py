@@ -47,6 +47,7 @@ from .format import (
     MambaShapes,
     Mamba2Shapes,
     QuambaFormatError,
+    check_layer_count,
     check_spec,
     head_to_toe_tensors,
     layer_precision,
@@ -324,6 +325,7 @@ def check_checkpoint_headers(model_dir: str, hf_config: dict[str, Any]) -> None:
     section = quamba_section(hf_config["quantization_config"])
     mamba1 = "MambaForCausalLM" in (hf_config.get("architectures") or [])
     shapes = (MambaShapes if mamba1 else Mamba2Shapes).from_config(hf_config)
+    check_layer_count(section, shapes.num_layers)
     for layer in range(shapes.num_layers):
         prefix = mixer_prefix(layer)
         precision = layer_precision(section, layer)

@@ -485,6 +485,17 @@ def quamba_section(quantization_config: dict[str, Any]) -> dict[str, Any]:
     return section
 
 
+def check_layer_count(section: dict[str, Any], num_layers: int) -> None:
+    """A validated W4AX ``quamba`` section lists one precision per decoder layer, no more, no
+    fewer (``num_layers``: the model's num_hidden_layers)."""
+    if section["recipe"] == "w4ax" and len(section["layer_precision"]) != num_layers:
+        raise QuambaFormatError(
+            f"quantization_config.quamba.layer_precision has {len(section['layer_precision'])} "
+            f"entries, but the model has {num_layers} layers (num_hidden_layers): it needs one "
+            "per layer; convert the checkpoint again"
+        )
+
+
 def layer_precision(section: dict[str, Any], layer: int) -> str:
     """The precision of decoder layer ``layer`` under a validated ``quamba`` section."""
     if section["recipe"] != "w4ax":
@@ -495,6 +506,12 @@ def layer_precision(section: dict[str, Any], layer: int) -> str:
             f"quantization_config.quamba.layer_precision has {len(chosen)} entries; layer {layer} has none"
         )
     return chosen[layer]
+
+
+def online_hadamard(section: dict[str, Any]) -> bool:
+    """Whether out_proj's input gets the online Hadamard under a ``quamba`` section: unless
+    ``hadamard`` is null (the naive baseline)."""
+    return section.get("hadamard") is not None
 
 
 def _per_segment(scales: torch.Tensor, s: Mamba2Shapes) -> torch.Tensor:

@@ -122,3 +122,16 @@ def test_preflight_names_the_bad_tensor(quamba_ckpt, tmp_path, edit, message):
     cfg = json.loads((bad / "config.json").read_text())
     with pytest.raises(QuambaFormatError, match=message):
         check_checkpoint_headers(str(bad), cfg)
+
+
+@pytest.mark.parametrize(
+    "resize", [lambda chosen: chosen[:-1], lambda chosen: [*chosen, "w4a8"]], ids=["shorter", "longer"]
+)
+def test_preflight_refuses_a_layer_precision_list_of_the_wrong_length(quantized_tiny_w4ax, resize):
+    cfg = json.loads((quantized_tiny_w4ax / "config.json").read_text())
+    section = cfg["quantization_config"]["quamba"]
+    section["layer_precision"] = resize(section["layer_precision"])
+    entries, layers = len(section["layer_precision"]), cfg["num_hidden_layers"]
+    message = f"layer_precision has {entries} entries, but the model has {layers} layers"
+    with pytest.raises(QuambaFormatError, match=message):
+        check_checkpoint_headers(str(quantized_tiny_w4ax), cfg)

@@ -26,6 +26,7 @@ from ..format import (
     mamba1_ssm_params,
     mamba2_ssm_params,
     mixer_prefix,
+    online_hadamard,
     quamba_section,
 )
 from ..kernels.causal_conv1d import causal_conv1d_ref, causal_conv1d_update_ref
@@ -245,7 +246,7 @@ class QuantizedMamba2Reference(_QuantizedBackbone):
         super().__init__(config, tensors, Mamba2Shapes.from_config(config))
         self.chunk_size = config.get("chunk_size", 256)
         section = quamba_section(config["quantization_config"])
-        self.online_hadamard = section.get("hadamard") is not None
+        self.online_hadamard = online_hadamard(section)
         self.ssm = [
             None
             if layer_precision(section, i) == "w4a16"
@@ -378,7 +379,7 @@ class QuantizedMambaReference(_MambaFpSSM, _QuantizedBackbone):
     def __init__(self, config: dict[str, Any], tensors: dict[str, torch.Tensor]):
         super().__init__(config, tensors, MambaShapes.from_config(config))
         section = quamba_section(config["quantization_config"])
-        self.online_hadamard = section.get("hadamard") is not None
+        self.online_hadamard = online_hadamard(section)
         self.ssm = [
             None if layer_precision(section, i) == "w4a16" else mamba1_ssm_params(self._mixer_tensors(i), self.shapes)
             for i in range(self.shapes.num_layers)

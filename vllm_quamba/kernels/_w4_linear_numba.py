@@ -9,8 +9,8 @@ Everything per call happens in one compiled call: the torch-side glue cost more 
 on small layers.
 
 What vectorization needs here:
-- uint8 results cast back to uint8: numba widens integer arithmetic to int64, and int64 -> float
-  conversion has no AVX2 instruction (and is slow with AVX-512): 1.6x slower GEMV.
+- the nibbles' integer results cast back to int8: numba widens integer arithmetic to int64, and
+  int64 -> float conversion has no AVX2 instruction (and is slow with AVX-512): 1.6x slower GEMV.
 - loops over slices from index 0: from a runtime start an index may be negative, and numba's
   wraparound then turns every load into a gather.
 - fastmath, which lets LLVM reorder the float sums into vector accumulators.
@@ -21,15 +21,30 @@ integer below 2^24, exact in float32 in any order.
 import numpy as np
 from numba import njit
 
+from ._numba_prefetch import prefetch_rows
+
 ROW_BLOCK = 4  # weight rows and x rows per block: 16 float accumulators, reductions overlap
+# Weight rows requested ahead of the block in use (decode reads each weight byte once, from
+# DRAM): see _numba_prefetch.py.
+PREFETCH_ROWS = 2 * ROW_BLOCK
+
+
+@njit(cache=True, inline="always")
+def _q_low(byte):
+    """q of one weight byte's low nibble (k even) as int8 in [-8, 7]."""
+    return np.int8(np.int8(byte & np.uint8(15)) - np.int8(8))
+
+
+@njit(cache=True, inline="always")
+def _q_high(byte):
+    """q of one weight byte's high nibble (k odd) as int8 in [-8, 7]."""
+    return np.int8(np.int8(byte >> np.uint8(4)) - np.int8(8))
 
 
 @njit(cache=True, inline="always")
 def _nibbles(byte):
     """(q_low, q_high) of one weight byte as float32 in [-8, 7]."""
-    low = np.float32(np.uint8(byte & np.uint8(15))) - np.float32(8.0)
-    high = np.float32(np.uint8(byte >> np.uint8(4))) - np.float32(8.0)
-    return low, high
+    return np.float32(_q_low(byte)), np.float32(_q_high(byte))
 
 
 @njit(cache=True, fastmath=True, inline="always")
@@ -140,10 +155,12 @@ def w4_matmul(weight_bytes, scales, x_even, x_odd, group_bytes, x_rows_per_pass,
     num_rows = weight_bytes.shape[0]
     num_x_rows = x_even.shape[0]
     blocked_rows = num_rows - num_rows % ROW_BLOCK
+    row_bytes, flat_bytes = weight_bytes.shape[1], weight_bytes.reshape(-1)
     for pass_start in range(0, num_x_rows, x_rows_per_pass):
         pass_stop = min(pass_start + x_rows_per_pass, num_x_rows)
         blocked_stop = pass_stop - (pass_stop - pass_start) % ROW_BLOCK
         for n in range(0, blocked_rows, ROW_BLOCK):
+            prefetch_rows(flat_bytes, row_bytes, n + PREFETCH_ROWS, n + PREFETCH_ROWS + ROW_BLOCK)
             for m in range(pass_start, blocked_stop, ROW_BLOCK):
                 _four_rows_by_four(weight_bytes, scales, x_even, x_odd, group_bytes, n, m, out)
             for m in range(blocked_stop, pass_stop):
@@ -221,9 +238,11 @@ def unpack_groups(weight_bytes, group_bytes, start, out):
         for i in range(out.shape[1]):
             row = weight_bytes[start + i, first:stop]
             even, odd = out[g, i, : stop - first], out[g, i, group_bytes : group_bytes + stop - first]
+            # row[t] read twice, on purpose: from one load LLVM unrolled the vector loop to 128
+            # bytes, more than a group of 128 k holds (64 bytes), and the loop ran scalar (3x).
             for t in range(row.shape[0]):
-                even[t] = np.int8(row[t] & np.uint8(15)) - np.int8(8)
-                odd[t] = np.int8(row[t] >> np.uint8(4)) - np.int8(8)
+                even[t] = _q_low(row[t])
+                odd[t] = _q_high(row[t])
 
 
 @njit(cache=True)

@@ -33,7 +33,7 @@ from collections.abc import Callable
 
 import torch
 
-from .measured_choice import MEASURED_ROWS, row_bucket, run_fastest
+from .measured_choice import run_fastest
 from .quant import quantize_int8
 
 
@@ -103,9 +103,8 @@ def cpu_candidates(x2d, weight, weight_scale, input_scale, bias) -> dict[str, Ca
 
 def w8a8_linear_cpu(x, weight, weight_scale, input_scale, bias=None, out_dtype=None) -> torch.Tensor:
     x2d = x.reshape(-1, x.shape[-1])
-    key = ("w8a8", row_bucket(x2d.shape[0]), *weight.shape)
     args = (weight, weight_scale, input_scale, bias)
-    y = run_fastest(key, cpu_candidates(x2d, *args), lambda: cpu_candidates(x2d[:MEASURED_ROWS], *args))
+    y = run_fastest(("w8a8", *weight.shape), x2d, lambda rows: cpu_candidates(rows, *args))
     if x.dim() != 2:
         y = y.reshape(*x.shape[:-1], weight.shape[0])
     return y.to(out_dtype or x.dtype)

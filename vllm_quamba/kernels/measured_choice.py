@@ -21,13 +21,16 @@ MEASURED_ROWS = 128
 
 _chosen: dict[Hashable, str] = {}
 
+# Exact kernels by name, each a call on inputs already bound.
+Candidates = dict[str, Callable[[], object]]
+
 
 def row_bucket(rows: int) -> int:
     """Shape class of a row count: the next power of two (1, 2, 4, ..., 64), MEASURED_ROWS above."""
     return 1 << max(min(rows, MEASURED_ROWS) - 1, 0).bit_length()
 
 
-def _fastest(candidates: dict[str, Callable[[], object]]) -> str:
+def _fastest(candidates: Candidates) -> str:
     best_name, best_time = "", float("inf")
     for name, call in candidates.items():
         call()  # warm-up: compilation, caches, allocator
@@ -41,18 +44,17 @@ def _fastest(candidates: dict[str, Callable[[], object]]) -> str:
     return best_name
 
 
-def run_fastest(
-    key: Hashable,
-    candidates: dict[str, Callable[[], object]],
-    trials: Callable[[], dict[str, Callable[[], object]]] | None = None,
-):
-    """Run the candidate chosen for ``key``, measuring all of them on the first call of ``key``:
-    the calls ``trials()`` returns when given (the same kernels on a part of the input: see
-    MEASURED_ROWS), else the candidates themselves."""
+def run_fastest(kind: Hashable, x2d, candidates_for: Callable[[object], Candidates]):
+    """Run on x2d (rows first: a tensor or array) the candidate chosen for ``kind`` (the kernel
+    family and weight shape) and x2d's row class (``row_bucket``); the first call of a class
+    chooses it by timing every candidate on x2d's first MEASURED_ROWS rows.
+
+    ``candidates_for(rows)`` returns the exact kernels, by name, as calls on the rows given."""
+    key = (kind, row_bucket(len(x2d)))
     name = _chosen.get(key)
     if name is None:
-        name = _chosen[key] = _fastest(trials() if trials is not None else candidates)
-    return candidates[name]()
+        name = _chosen[key] = _fastest(candidates_for(x2d[:MEASURED_ROWS]))
+    return candidates_for(x2d)[name]()
 
 
 def chosen() -> dict[Hashable, str]:

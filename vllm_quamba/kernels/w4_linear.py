@@ -17,9 +17,9 @@ x is [..., K]; y is [..., N] in x's dtype.
 API (each op has the same four entry points):
 - ``w4a16_linear_ref`` / ``w4a8_linear_ref``: plain torch, the specification.
 - ``w4a16_linear_cpu(x, packed, bias)`` / ``w4a8_linear_cpu(x, packed, input_scale, bias)``: the
-  CPU path on a ``PackedW4`` from ``prepack_w4(...)`` (a view of the checkpoint tensors, no copy;
-  call it once after loading). Two kernels compete per call shape (``measured_choice``: the
-  faster on this machine wins):
+  CPU path on a ``PackedW4`` from ``prepack_w4(...)`` (a view of the checkpoint tensors and a
+  transposed copy of the scales; call it once after loading). Two kernels compete per call
+  shape (``measured_choice``: the faster on this machine wins):
   - one single-threaded numba kernel for every M: it unpacks the nibbles in its inner loop and
     multiplies 4 weight rows by 4 x rows per pass, so each weight byte is unpacked once per 4
     rows of x and each x load serves 4 weight rows. On an AMD Zen 5 (AVX-512, no AMX) it beat
@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_quamba.kernels.measured_choice import MEASURED_ROWS, row_bucket, run_fastest
+from vllm_quamba.kernels.measured_choice import run_fastest
 from vllm_quamba.kernels.quant import quantize_int8
 
 try:
@@ -126,13 +126,18 @@ class PackedW4:
 
     weight_bytes: torch.Tensor  # uint8 [N, 4 * ceil(K / 8)]
     weight_scale: torch.Tensor  # float32 [N, ceil(K / G)]
+    # The same scales transposed, float32 [ceil(K / G), N], for _int_mm_by_group's epilogue
+    # (its loops over N vectorize). A resident copy: 4 * N * K / G more bytes, 8 / G of the
+    # packed weight's (1/16 more at G = 128), against a transpose per call.
+    weight_scale_t: torch.Tensor
     group_size: int
     out_features: int
     in_features: int
 
 
 def prepack_w4(weight_packed: torch.Tensor, weight_scale: torch.Tensor, group_size: int, weight_shape) -> PackedW4:
-    """Validate and view the checkpoint tensors for the CPU path (copies only non-contiguous input)."""
+    """Validate and view the checkpoint tensors for the CPU path (copies only non-contiguous
+    input, and the scales once more, transposed)."""
     out_features, in_features = _check_layout(weight_packed, weight_scale, group_size, weight_shape)
     if weight_packed.device.type != "cpu":
         raise ValueError("prepack_w4 is for the CPU path; weight_packed is on " + str(weight_packed.device))
@@ -140,6 +145,7 @@ def prepack_w4(weight_packed: torch.Tensor, weight_scale: torch.Tensor, group_si
         # Little-endian words: byte t holds k = 2t (low nibble) and k = 2t + 1 (high nibble).
         weight_bytes=weight_packed.contiguous().view(torch.uint8),
         weight_scale=weight_scale.to(torch.float32).contiguous(),
+        weight_scale_t=weight_scale.to(torch.float32).t().contiguous(),
         group_size=group_size,
         out_features=out_features,
         in_features=in_features,
@@ -204,7 +210,7 @@ def _int_mm_by_group(x: torch.Tensor, packed: PackedW4, input_scale) -> torch.Te
     x_groups = [_even_then_odd(x_q[:, g * group_size : (g + 1) * group_size]) for g in range(groups)]
     out = torch.empty(x_q.shape[0], packed.out_features)
     tile_rows = _tile_rows(packed, groups * group_size)
-    weight_bytes, scales_t = packed.weight_bytes.numpy(), packed.weight_scale.t().contiguous().numpy()
+    weight_bytes, scales_t = packed.weight_bytes.numpy(), packed.weight_scale_t.numpy()
     for start in range(0, packed.out_features, tile_rows):
         rows = min(tile_rows, packed.out_features - start)
         tile = torch.empty(groups, rows, group_size, dtype=torch.int8)
@@ -228,10 +234,9 @@ def cpu_candidates(x: torch.Tensor, packed: PackedW4, input_scale=None) -> dict[
 
 
 def _cpu_linear(x: torch.Tensor, packed: PackedW4, input_scale=None) -> torch.Tensor:
+    kind = ("w4a16" if input_scale is None else "w4a8", packed.out_features, packed.in_features)
     x2d = x.reshape(-1, packed.in_features)
-    key = ("w4a16" if input_scale is None else "w4a8", row_bucket(x2d.shape[0]), packed.out_features, packed.in_features)
-    trials = lambda: cpu_candidates(x2d[:MEASURED_ROWS], packed, input_scale)  # noqa: E731
-    return run_fastest(key, cpu_candidates(x2d, packed, input_scale), trials)
+    return run_fastest(kind, x2d, lambda rows: cpu_candidates(rows, packed, input_scale))
 
 
 def w4a16_linear_cpu(x: torch.Tensor, packed: PackedW4, bias: torch.Tensor | None = None) -> torch.Tensor:

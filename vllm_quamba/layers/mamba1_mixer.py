@@ -44,6 +44,7 @@ from ..format import (
     QuambaFormatError,
     mamba1_mixer_tensors,
     mamba1_ssm_params,
+    online_hadamard,
 )
 from ..kernels.hadamard import hadamard_transform_ref
 from .checkpoint_tensors import CheckpointTensorsMixin, TensorHolder
@@ -72,16 +73,6 @@ def quamba_mixer1_ssm_tensors(
         for name, spec in mamba1_mixer_tensors(shapes, precision).items()
         if name.split(".")[0] not in MAMBA1_QUANTIZED_LINEARS or name in _LINEAR_EXTRAS
     }
-
-
-
-
-
-
-def quamba_online_hadamard(quant_config) -> bool:
-    """Whether out_proj's input gets the online Hadamard (``quamba.hadamard`` not null)."""
-    section = getattr(quant_config, "quamba", None) or {}
-    return section.get("hadamard") is not None
 
 
 class QuambaMixer(CheckpointTensorsMixin, MambaMixer):
@@ -144,7 +135,7 @@ class QuambaMixer(CheckpointTensorsMixin, MambaMixer):
                 "supported with quamba checkpoints; run without --enable-prefix-caching"
             )
         quant_config = get_current_vllm_config().quant_config
-        self.online_hadamard = quamba_online_hadamard(quant_config)
+        self.online_hadamard = online_hadamard(quant_config.quamba)
         self.precision = quant_config.layer_precision(prefix)
 
         num_layers = getattr(getattr(model_config, "hf_config", None), "num_hidden_layers", 0)

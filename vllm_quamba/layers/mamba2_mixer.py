@@ -37,10 +37,10 @@ from ..format import (
     QuambaFormatError,
     mamba2_ssm_params,
     mamba2_mixer_tensors,
+    online_hadamard,
 )
 from ..kernels.hadamard import hadamard_transform_ref
 from .checkpoint_tensors import CheckpointTensorsMixin, TensorHolder
-from .mamba1_mixer import quamba_online_hadamard
 from ..kernels.quamba2_ssm import (
     Quamba2SSMParams,
     quamba2_ssm_decode_cpu,
@@ -149,7 +149,7 @@ class QuambaMixer2(CheckpointTensorsMixin, MambaMixer2):
         self.rms_norm_eps = rms_norm_eps
         self.chunk_size = model_config.get_mamba_chunk_size() if model_config is not None else 256
         self.ssm_params: Quamba2SSMParams | None = None
-        self.online_hadamard = quamba_online_hadamard(quant_config)
+        self.online_hadamard = online_hadamard(quant_config.quamba)
         if self.fp_ssm:
             self._ssm_tensor_specs = {}  # the stock parameters load the fp SSM tensors
             if self.online_hadamard:
