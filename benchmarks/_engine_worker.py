@@ -95,6 +95,33 @@ def _state_cache_bytes(engine_kwargs: dict, sequences: int) -> int:
     return int((sequences + STATE_CACHE_SPARE_SEQUENCES) * per_sequence * STATE_CACHE_HEADROOM)
 
 
+def start_engine(sequences: int, **engine_kwargs):
+    """(an ``LLM`` for at most ``sequences`` requests at once, without prefix caching; the bytes
+    of its Mamba state cache, sized by ``_state_cache_bytes``; the seconds the ``LLM`` took to
+    start)."""
+    os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override kv_cache_memory_bytes
+    from vllm import LLM
+
+    engine_kwargs.update(max_num_seqs=sequences, enable_prefix_caching=False)
+    state_cache_bytes = _state_cache_bytes(engine_kwargs, sequences)
+    start = time.perf_counter()
+    llm = LLM(**engine_kwargs, kv_cache_memory_bytes=state_cache_bytes)
+    return llm, state_cache_bytes, time.perf_counter() - start
+
+
+def prompt_vocab(llm) -> int:
+    """Prompt ids stay below this: inside the tokenizer (random checkpoints pad the vocabulary
+    far beyond it)."""
+    return min(len(llm.get_tokenizer()), llm.llm_engine.model_config.get_vocab_size())
+
+
+def shutdown(llm) -> None:
+    """Stop the engine and leave the process, its results already written."""
+    llm.llm_engine.engine_core.shutdown()
+    # vLLM-CPU 0.32 sometimes aborts in interpreter teardown after a clean engine shutdown.
+    os._exit(0)
+
+
 def _engine_cpus() -> dict[str, list[int]]:
     """CPU affinity of each engine process: vLLM-CPU pins the model worker to the CPUs its
     OpenMP threads run on (one thread per CPU) and keeps a CPU free for the front end."""
@@ -272,27 +299,13 @@ def _union_bytes(spans: list[tuple[int, int]]) -> int:
 def main() -> None:
     args = _parse_args()
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override kv_cache_memory_bytes
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc of a function (local, trusted)
-    from vllm import LLM
-
-    engine_kwargs = dict(
-        model=args.model,
-        dtype=args.dtype,
-        mamba_ssm_cache_dtype=args.mamba_ssm_cache_dtype,
-        enforce_eager=args.enforce_eager,
-        max_model_len=args.prompt_len + args.output_len,
-        max_num_seqs=max(batch_sizes),
-        enable_prefix_caching=False,
-        seed=args.seed,
-    )
-    kv_cache_bytes = _state_cache_bytes(engine_kwargs, max(batch_sizes))
-    start = time.perf_counter()
-    llm = LLM(**engine_kwargs, kv_cache_memory_bytes=kv_cache_bytes)
-    startup_seconds = time.perf_counter() - start
+    llm, kv_cache_bytes, startup_seconds = start_engine(
+        max(batch_sizes), model=args.model, dtype=args.dtype, mamba_ssm_cache_dtype=args.mamba_ssm_cache_dtype,
+        enforce_eager=args.enforce_eager, max_model_len=args.prompt_len + args.output_len, seed=args.seed,
+    )  # fmt: skip
     model_config = llm.llm_engine.model_config
-    # Prompt ids stay inside the tokenizer (random checkpoints pad the vocabulary far beyond it).
-    vocab = min(len(llm.get_tokenizer()), model_config.get_vocab_size())
+    vocab = prompt_vocab(llm)
     rng = random.Random(args.seed)
     result = {
         "engine": {
@@ -312,10 +325,7 @@ def main() -> None:
     # After the runs: kernels build some of their arrays on first use.
     result["engine"]["resident"] = llm.collective_rpc(_resident_weights)[0]
     Path(args.json_out).write_text(json.dumps(result, indent=2) + "\n")
-    llm.llm_engine.engine_core.shutdown()
-    # vLLM-CPU 0.32 sometimes aborts in interpreter teardown after a clean engine shutdown;
-    # the result is already written.
-    os._exit(0)
+    shutdown(llm)
 
 
 if __name__ == "__main__":

@@ -171,38 +171,22 @@ def _measure_batch(llm, batch: int, args, rng: random.Random, vocab: int) -> dic
 
 
 def _measure_batches(llm, args) -> list[dict]:
-    # Random prompt ids from the tokenizer's range: a random checkpoint pads its vocabulary.
-    vocab = min(len(llm.get_tokenizer()), llm.llm_engine.model_config.get_vocab_size())
-    rng = random.Random(args.seed)
+    rng, vocab = random.Random(args.seed), _engine_worker.prompt_vocab(llm)
     return [_measure_batch(llm, batch, args, rng, vocab) for batch in args.batch_sizes]
 
 
 def main() -> None:
     args = _read_settings()
-    os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it would override kv_cache_memory_bytes
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process, for cProfile
-    from vllm import LLM
-
-    engine_kwargs = dict(
-        model=args.model,
-        dtype=args.dtype,
-        mamba_ssm_cache_dtype=args.mamba_ssm_cache_dtype,
-        enforce_eager=True,
-        max_model_len=args.prompt_len + args.steps + MODEL_LEN_SLACK,
-        max_num_seqs=max(args.batch_sizes),
-        enable_prefix_caching=False,
-        seed=args.seed,
-    )
-    state_cache_bytes = _engine_worker._state_cache_bytes(engine_kwargs, max(args.batch_sizes))
-    llm = LLM(**engine_kwargs, kv_cache_memory_bytes=state_cache_bytes)
+    llm, _, _ = _engine_worker.start_engine(
+        max(args.batch_sizes), model=args.model, dtype=args.dtype, mamba_ssm_cache_dtype=args.mamba_ssm_cache_dtype,
+        enforce_eager=True, max_model_len=args.prompt_len + args.steps + MODEL_LEN_SLACK, seed=args.seed,
+    )  # fmt: skip
     model_config = llm.llm_engine.model_config
     engine = {"dtype": str(model_config.dtype).removeprefix("torch."), "quantization": model_config.quantization}
     result = {"engine": engine, "runs": _measure_batches(llm, args)}
     (Path(args.profile_dir) / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    llm.llm_engine.engine_core.shutdown()
-    # vLLM-CPU 0.32 sometimes aborts in interpreter teardown after a clean engine shutdown;
-    # the result is already written.
-    os._exit(0)
+    _engine_worker.shutdown(llm)
 
 
 if __name__ == "__main__":

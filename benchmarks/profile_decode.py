@@ -67,19 +67,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=32, help="new tokens per request: steps - 1 decode steps profiled")
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--out-dir", type=Path, default=throughput.REPO / "benchmarks/results")
-    parser.add_argument("--work-dir", type=Path, default=Path.home() / ".cache/vllm-quamba/benchmarks",
-                        help="checkpoints are cached here (shared with throughput.py)")  # fmt: skip
-    parser.add_argument("--calib-samples", type=int, default=8)
-    parser.add_argument("--calib-seqlen", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
+    throughput.add_checkpoint_arguments(parser)
     args = parser.parse_args(argv)
-    unknown = [name for name in args.configs if name not in throughput.engine_configs()]
-    if unknown:
-        parser.error(f"unknown configs {unknown}; known: {', '.join(throughput.engine_configs())}")
     if args.steps < 2:
         parser.error("--steps must be at least 2 (the first token comes from the prefill)")
-    if throughput.BASELINE not in args.configs:
-        args.configs.insert(0, throughput.BASELINE)
+    throughput.check_configs(parser, args)
     return args
 
 

@@ -478,22 +478,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per batch size (medians)")
     parser.add_argument("--enforce-eager", action="store_true", help="no torch.compile (faster start, not what users get)")
     parser.add_argument("--out-dir", type=Path, default=REPO / "benchmarks/results")
+    add_checkpoint_arguments(parser)
+    parser.add_argument("--bandwidth-gib", type=float, default=1.0, help="size of the array the bandwidth copy streams")
+    args = parser.parse_args(argv)
+    if args.output_len < 2:
+        parser.error("--output-len must be at least 2 (decode is measured after the first token)")
+    check_configs(parser, args)
+    return args
+
+
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where checkpoints are cached and how they are made (shared with profile_decode.py)."""
     parser.add_argument("--work-dir", type=Path, default=Path.home() / ".cache/vllm-quamba/benchmarks",
                         help="random-weight and quantized checkpoints are cached here")  # fmt: skip
-    parser.add_argument("--calib-samples", type=int, default=8, help="throughput depends on shapes, not on the scales: small calibration is enough")
+    parser.add_argument("--calib-samples", type=int, default=8, help="speed depends on shapes, not on the scales: small calibration is enough")
     parser.add_argument("--calib-seqlen", type=int, default=128)
-    parser.add_argument("--bandwidth-gib", type=float, default=1.0, help="size of the array the bandwidth copy streams")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+
+
+def check_configs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse unknown ``--configs``; add the fp32 baseline first when it is missing (every
+    ratio is to fp32 of the same run)."""
     known = engine_configs()
     unknown = [name for name in args.configs if name not in known]
     if unknown:
         parser.error(f"unknown configs {unknown}; known: {', '.join(known)}")
-    if args.output_len < 2:
-        parser.error("--output-len must be at least 2 (decode is measured after the first token)")
     if BASELINE not in args.configs:
-        args.configs.insert(0, BASELINE)  # every ratio is to fp32 of the same run
-    return args
+        args.configs.insert(0, BASELINE)
 
 
 def _result_path(args, key: str) -> Path:
