@@ -6,6 +6,7 @@ import textwrap
 import pytest
 import torch
 
+from vllm_quamba.kernels import _simd
 from vllm_quamba.kernels.int8_linear import cpu_candidates, w8a8_linear, w8a8_linear_cpu, w8a8_linear_ref
 from vllm_quamba.kernels.quant import quantize_int8, quantize_per_channel_int8
 
@@ -14,7 +15,10 @@ torch.set_num_threads(1)
 # Bit-exact, rtol = atol = 0: every path sums int32 products exactly and applies the same fp32
 # multiply (then add) in the same order, with no FMA contraction (numba runs without fastmath).
 EXACT = dict(rtol=0, atol=0)
-CPU_KERNELS = ("numba", "int_mm")
+NO_VNNI = pytest.mark.skipif(not _simd.cpu_has("avx512_vnni"), reason="no AVX-512 VNNI on this CPU")
+NO_AMX = pytest.mark.skipif(not _simd.cpu_has("amx_int8"), reason="no AMX (or no tile permission) on this CPU")
+SIMD_KERNELS = (pytest.param("simd", marks=NO_VNNI), pytest.param("amx", marks=NO_AMX))
+CPU_KERNELS = ("numba", "int_mm", *SIMD_KERNELS)
 
 
 def _problem(rows: int, cols_in: int, cols_out: int, seed: int = 0, x_std: float = 1.0):
@@ -37,16 +41,36 @@ def test_cpu_equals_reference(rows, cols_in, cols_out):
 
 
 @pytest.mark.parametrize("kernel", CPU_KERNELS)
-@pytest.mark.parametrize(("rows", "cols_in", "cols_out"), [(1, 37, 5), (16, 129, 33), (65, 2051, 7)])
+@pytest.mark.parametrize(
+    ("rows", "cols_in", "cols_out"),
+    [(1, 37, 5), (16, 129, 33), (65, 2051, 7), (5, 64, 4), (7, 192, 9), (4, 768, 3352), (33, 100, 70)],
+)
 def test_every_cpu_kernel_equals_reference(kernel, rows, cols_in, cols_out):
     """w8a8_linear_cpu runs whichever kernel measured fastest here: each must be exact alone
-    (2051 inputs saturated against 127s sum past 2^24, where an fp32 accumulator would drift)."""
+    (2051 inputs saturated against 127s sum past 2^24, where an fp32 accumulator would drift).
+    The shapes cover the C kernels' edges: K below, at and past whole 64-byte vectors, row and
+    column counts off the VNNI kernel's 4 x 4 tiles and the AMX kernel's 16-row tiles and
+    64-row groups (the last weight tile copied, zero-padded), and in_proj's real shape."""
     x, weight, weight_scale, input_scale, bias = _problem(rows, cols_in, cols_out, seed=3)
     if cols_in == 2051:
         x, weight = torch.full_like(x, 1e6), torch.full_like(weight, 127)
     expected = w8a8_linear_ref(x, weight, weight_scale, input_scale, bias)
     got = cpu_candidates(x, weight, weight_scale, input_scale, bias)[kernel]()
     torch.testing.assert_close(got, expected, **EXACT)
+
+
+@pytest.mark.parametrize("kernel", SIMD_KERNELS)
+def test_simd_kernels_are_exact_at_int8_extremes(kernel):
+    """-128 and 127 everywhere: the u8 offset of x (x + 128 reaches 0 and 255) and its share
+    taken off again must still give the exact sums, whose magnitudes pass 2^24."""
+    cols_in = 1000
+    x = torch.tensor([[-1e9] * cols_in, [1e9] * cols_in, [-1e9, 1e9] * (cols_in // 2)])
+    weight = torch.stack([torch.full((cols_in,), -128), torch.full((cols_in,), 127), torch.arange(cols_in) % 256 - 128])
+    weight = weight.to(torch.int8)
+    ones = torch.ones(3)
+    got = cpu_candidates(x, weight, ones, 1.0, None)[kernel]()
+    exact = (quantize_int8(x, 1.0).to(torch.int64) @ weight.to(torch.int64).T).to(torch.float32)
+    torch.testing.assert_close(got, exact, **EXACT)
 
 
 def test_reference_accumulates_in_exact_integers():

@@ -1,4 +1,6 @@
-"""The CPU fast paths of the Quamba2 SSM (numba) against the torch references.
+"""The CPU fast paths of the Quamba2 SSM (numba, and the C state update of the decode where
+the CPU has AVX-512 VNNI) against the torch references. The decode tests run both state
+updates: the C kernel (skipped on CPUs without it) and numba's, its fallback.
 
 Tolerances. The fast path quantizes at the same points with the same fp32 scales and
 reciprocals, but sums in another order (the conv taps, y = state . C, the chunked scan vs the
@@ -18,9 +20,11 @@ import numpy as np
 import pytest
 import torch
 
+from vllm_quamba.kernels import quamba2_ssm
 from vllm_quamba.kernels.hadamard import hadamard_transform_ref
 from vllm_quamba.kernels.quamba2_ssm import (
     Quamba2SSMParams,
+    cpu_weights,
     quamba2_ssm_decode_cpu,
     quamba2_ssm_decode_ref,
     quamba2_ssm_prefill_cpu,
@@ -38,31 +42,51 @@ IN_PROJ_DIM = INTERMEDIATE + CONV_DIM + NUM_HEADS
 NUM_SLOTS = 7
 
 
-def _params(g: torch.Generator, chunk_size: int = 8) -> Quamba2SSMParams:
+def _params(
+    g: torch.Generator,
+    chunk_size: int = 8,
+    num_heads: int = NUM_HEADS,
+    head_dim: int = HEAD_DIM,
+    state_size: int = STATE_SIZE,
+    n_groups: int = N_GROUPS,
+) -> Quamba2SSMParams:
     """Random layer parameters with scales that put typical values mid-range in int8."""
 
     def positive(*shape, low=0.5, high=1.5):
         return low + (high - low) * torch.rand(*shape, generator=g)
 
+    intermediate = num_heads * head_dim
+    conv_dim = intermediate + 2 * n_groups * state_size
     # A few distinct state-scale rows shared by many (head, dim) rows, as the checkpoint's
     # group scales expand to.
-    distinct_rows = 0.02 * positive(3, STATE_SIZE)
-    row_choice = torch.randint(0, 3, (NUM_HEADS * HEAD_DIM,), generator=g)
+    distinct_rows = 0.02 * positive(3, state_size)
+    row_choice = torch.randint(0, 3, (intermediate,), generator=g)
     return Quamba2SSMParams(
-        intermediate_size=INTERMEDIATE, n_groups=N_GROUPS, state_size=STATE_SIZE,
-        head_dim=HEAD_DIM, chunk_size=chunk_size, norm_eps=1e-5,
+        intermediate_size=intermediate, n_groups=n_groups, state_size=state_size,
+        head_dim=head_dim, chunk_size=chunk_size, norm_eps=1e-5,
         z_scale=torch.tensor([3.0 / 127]),
         dt_scale=torch.tensor([2.0 / 127]),
-        xbc_in_scale=3.0 / 127 * positive(CONV_DIM),
-        conv_weight=0.5 * torch.randn(CONV_DIM, KERNEL, generator=g),
-        conv_bias=0.1 * torch.randn(CONV_DIM, generator=g),
-        xbc_out_scale=2.0 / 127 * positive(CONV_DIM),
-        A=-positive(NUM_HEADS, low=0.1, high=2.0),
-        D=torch.randn(NUM_HEADS, generator=g),
-        dt_bias=torch.randn(NUM_HEADS, generator=g) - 1.0,
-        norm_weight=positive(INTERMEDIATE),
-        state_scale=distinct_rows[row_choice].reshape(NUM_HEADS, HEAD_DIM, STATE_SIZE),
+        xbc_in_scale=3.0 / 127 * positive(conv_dim),
+        conv_weight=0.5 * torch.randn(conv_dim, KERNEL, generator=g),
+        conv_bias=0.1 * torch.randn(conv_dim, generator=g),
+        xbc_out_scale=2.0 / 127 * positive(conv_dim),
+        A=-positive(num_heads, low=0.1, high=2.0),
+        D=torch.randn(num_heads, generator=g),
+        dt_bias=torch.randn(num_heads, generator=g) - 1.0,
+        norm_weight=positive(intermediate),
+        state_scale=distinct_rows[row_choice].reshape(num_heads, head_dim, state_size),
     )  # fmt: skip
+
+
+@pytest.fixture(params=["simd", "numba"])
+def state_update(request, monkeypatch):
+    """Which state update the decode runs: the C kernel, or numba's (its fallback, forced by
+    hiding the C kernel)."""
+    if request.param == "numba":
+        monkeypatch.setattr(quamba2_ssm, "_simd_state_update", lambda: None)
+    elif quamba2_ssm._simd_state_update() is None:
+        pytest.skip("no AVX-512 VNNI on this CPU (or the C kernels are not built)")
+    return request.param
 
 
 def _caches(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +116,7 @@ def _projected(g: torch.Generator, tokens: int, gain: float = 1.0) -> torch.Tens
 
 @pytest.mark.parametrize("rotate", [False, True])
 @pytest.mark.parametrize("gain", [1.0, 30.0], ids=["typical", "saturating"])
-def test_decode_matches_reference(rotate, gain):
+def test_decode_matches_reference(rotate, gain, state_update):
     g = torch.Generator().manual_seed(1)
     p = _params(g)
     conv, ssm = _caches(g)
@@ -111,7 +135,7 @@ def test_decode_matches_reference(rotate, gain):
     assert torch.equal(ssm[untouched], ssm_before[untouched])
 
 
-def test_decode_reads_strided_cache_views():
+def test_decode_reads_strided_cache_views(state_update):
     """vLLM's caches are views into shared pages (conv possibly transposed, "DS" layout)."""
     g = torch.Generator().manual_seed(2)
     p = _params(g)
@@ -168,7 +192,7 @@ def test_prefill_of_a_mixed_batch_matches_reference(rotate, gain):
     _assert_int8_close(ssm, ssm_ref)
 
 
-def test_chunked_prefill_continues_from_the_cached_states():
+def test_chunked_prefill_continues_from_the_cached_states(state_update):
     """A prompt split over two steps (vLLM's chunked prefill), then a decode step."""
     g = torch.Generator().manual_seed(4)
     p = _params(g, chunk_size=4)
@@ -189,8 +213,11 @@ def test_chunked_prefill_continues_from_the_cached_states():
     _assert_mostly_close(out, y_ref)
 
 
-def test_decode_equals_one_token_prefill_from_the_same_states():
-    """Both kernels run the same arithmetic on a single token: bitwise equal outputs."""
+def test_decode_equals_one_token_prefill_from_the_same_states(state_update):
+    """Both kernels run the same arithmetic on a single token: bitwise equal states, and
+    bitwise equal outputs where both sum y = state . C with numba's _dot. The C kernel sums y in
+    another order: fp32 reassociation of STATE_SIZE terms, so rtol = atol = 1e-5 (its
+    rounding is ~1e-7 relative, and the gated norm and Hadamard sums keep it that size)."""
     g = torch.Generator().manual_seed(5)
     p = _params(g)
     conv, ssm = _caches(g)
@@ -203,9 +230,51 @@ def test_decode_equals_one_token_prefill_from_the_same_states():
         zxbcdt, p, conv_prefill, ssm_prefill, torch.tensor([0, 1]), slot, torch.tensor([True])
     )
 
-    assert torch.equal(y_decode, y_prefill)
+    if state_update == "numba":
+        assert torch.equal(y_decode, y_prefill)
+    else:
+        torch.testing.assert_close(y_decode, y_prefill, rtol=1e-5, atol=1e-5)
     assert torch.equal(conv, conv_prefill)
     assert torch.equal(ssm, ssm_prefill)
+
+
+@pytest.mark.parametrize(
+    "num_heads, head_dim, state_size, n_groups",
+    [(4, 8, 72, 2), (3, 4, 128, 1), (2, 4, 7, 1)],  # H * P: Hadamard sizes
+    ids=["64-values-and-a-tail", "mamba2-state-size", "tail-only"],
+)
+def test_simd_state_update_equals_numba(num_heads, head_dim, state_size, n_groups):
+    """The C state update against numba's on the same inputs: the same fp32 operations per
+    state element, so bitwise equal int8 states; y sums state . C in another order, fp32
+    reassociation of at most 128 terms of unit size: rtol = atol = 1e-5."""
+    from vllm_quamba.kernels import _quamba2_ssm_numba
+
+    kernel = quamba2_ssm._simd_state_update()
+    if kernel is None:
+        pytest.skip("no AVX-512 VNNI on this CPU (or the C kernels are not built)")
+    g = torch.Generator().manual_seed(7)
+    p = _params(g, num_heads=num_heads, head_dim=head_dim, state_size=state_size, n_groups=n_groups)
+    w = cpu_weights(p)
+    ssm = torch.randint(-128, 128, (NUM_SLOTS, num_heads, head_dim, state_size), generator=g, dtype=torch.int8)
+    ssm_numba = ssm.clone()
+    slots = np.array([4, 0, 6])
+    xbc, dt, decay, y = _quamba2_ssm_numba.decode_buffers(w, len(slots))
+    xbc[:] = torch.randn(xbc.shape, generator=g).numpy()
+    dt[:] = torch.rand(dt.shape, generator=g).numpy()
+    decay[:] = np.exp(dt * w.A)
+    y_numba = np.empty_like(y)
+
+    ssm_flat = ssm_numba.view(-1).numpy()
+    _quamba2_ssm_numba.decode_states(xbc, dt, decay, w, slots, (ssm_flat, 0, ssm.stride(0)), y_numba)
+    kernel(
+        ssm.data_ptr(), ssm.stride(0), slots.ctypes.data, len(slots), xbc.ctypes.data, xbc.shape[1],
+        dt.ctypes.data, decay.ctypes.data, w.D.ctypes.data, w.state_scale_row.ctypes.data,
+        w.state_scale_table.ctypes.data, w.state_inv_table.ctypes.data,
+        num_heads, head_dim, state_size, n_groups, y.ctypes.data,
+    )  # fmt: skip
+
+    assert torch.equal(ssm, ssm_numba)
+    np.testing.assert_allclose(y, y_numba, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("size", [4, 48, 64, 320, 448, 1536])

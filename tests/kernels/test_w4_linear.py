@@ -20,7 +20,7 @@ import pytest
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 
-from vllm_quamba.kernels import w4_linear
+from vllm_quamba.kernels import _simd, w4_linear
 from vllm_quamba.kernels.quant import quantize_int8
 from vllm_quamba.kernels.w4_linear import (
     cpu_candidates,
@@ -47,8 +47,9 @@ def make_weight(out_features: int, in_features: int, group_size: int, seed: int 
 
 
 def bound(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """sum_k |x_k| |W_nk|: the scale of the rounding error of any float32 order of x @ W.T."""
-    return x.reshape(-1, x.shape[-1]).abs().to(torch.float32) @ weight.abs().T
+    """sum_k |x_k| |W_nk|: the scale of the rounding error of any float32 order of x @ W.T.
+    (float32 before abs: int8's abs(-128) wraps to -128.)"""
+    return x.reshape(-1, x.shape[-1]).to(torch.float32).abs() @ weight.abs().T
 
 
 def assert_close(actual, expected, tolerance):
@@ -115,24 +116,54 @@ def test_w4a8_cpu_matches_ref(out_features, in_features, group_size, rows):
 
 
 # w4a*_linear_cpu runs whichever kernel measured fastest on this machine: each must hold the
-# tolerances alone. Cases: 4-row blocks and leftovers, a partial last group ending mid-word.
-CANDIDATE_CASES = [(37, 256, 128, 3), (33, 768, 128, 65), (21, 200, 128, 17), (21, 100, 32, 5)]
+# tolerances alone. Cases: N with leftovers past 4-row and 16-row blocks (N = 100: 7 blocks of
+# 16, the SIMD kernels' passes of 2 and 4 end on a partial one); K not a multiple of 8, 64 or G
+# (a partial last group, the last word partly padding: K = 100, 13, 1000); G = 8, 32, 128; M of
+# 1 and 2 (the SIMD kernels' GEMV passes), 4-row x tiles and leftovers (3, 4, 5, 16, 17, 65).
+CANDIDATE_CASES = [
+    (37, 256, 128, 3),
+    (33, 768, 128, 65),
+    (21, 200, 128, 17),
+    (21, 100, 32, 5),
+    (19, 13, 8, 4),
+    (100, 1000, 128, 1),
+    (100, 1000, 128, 16),
+    (100, 264, 8, 2),
+    (7, 776, 32, 17),
+    (50, 256, 32, 1),
+]
+SIMD_MISSING = pytest.mark.skipif(not _simd.cpu_has("avx512_vnni"), reason="no AVX-512 VNNI on this CPU")
+W4A16_KERNELS = ["numba", "dequantized_mm", pytest.param("simd", marks=SIMD_MISSING)]
+W4A8_KERNELS = ["numba", "int_mm_by_group", pytest.param("simd", marks=SIMD_MISSING)]
 
 
+def pack_for(kernel: str, packed, scale, group_size, shape):
+    """The layout the kernel reads: the SIMD one for "simd", the checkpoint's words otherwise."""
+    return prepack_w4(packed, scale, group_size, shape, simd=kernel == "simd")
+
+
+def run_kernel(name, x, packed, input_scale=None) -> torch.Tensor:
+    y = cpu_candidates(x, packed, input_scale)[name]()
+    assert y.dtype == torch.float32 and y.is_contiguous(), name
+    return y
+
+
+@pytest.mark.parametrize("kernel", W4A16_KERNELS)
 @pytest.mark.parametrize("out_features,in_features,group_size,rows", CANDIDATE_CASES)
-def test_every_w4a16_cpu_kernel_matches_ref(out_features, in_features, group_size, rows):
+def test_every_w4a16_cpu_kernel_matches_ref(kernel, out_features, in_features, group_size, rows):
     _, packed, scale = make_weight(out_features, in_features, group_size, seed=3)
     shape = (out_features, in_features)
     x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(4)) + 0.5
     expected = w4a16_linear_ref(x, packed, scale, group_size, shape)
     weight = dequantize_w4_ref(packed, scale, group_size, shape)
-    for name, kernel in cpu_candidates(x, prepack_w4(packed, scale, group_size, shape)).items():
-        assert kernel().shape == expected.shape and kernel().is_contiguous(), name
-        assert_close(kernel(), expected, 1e-5 * bound(x, weight) + 1e-6)
+    actual = run_kernel(kernel, x, pack_for(kernel, packed, scale, group_size, shape))
+    assert actual.shape == expected.shape
+    assert_close(actual, expected, 1e-5 * bound(x, weight) + 1e-6)
 
 
+@pytest.mark.parametrize("kernel", W4A8_KERNELS)
 @pytest.mark.parametrize("out_features,in_features,group_size,rows", CANDIDATE_CASES)
-def test_every_w4a8_cpu_kernel_matches_ref(out_features, in_features, group_size, rows):
+def test_every_w4a8_cpu_kernel_matches_ref(kernel, out_features, in_features, group_size, rows):
     _, packed, scale = make_weight(out_features, in_features, group_size, seed=5)
     shape = (out_features, in_features)
     x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(6)) * 3
@@ -140,13 +171,42 @@ def test_every_w4a8_cpu_kernel_matches_ref(out_features, in_features, group_size
     expected = w4a8_linear_ref(x, packed, scale, group_size, shape, input_scale)
     weight = dequantize_w4_ref(packed, scale, group_size, shape)
     tolerance = 1e-6 * bound(quantize_int8(x, input_scale), weight) * input_scale + 1e-7
-    for name, kernel in cpu_candidates(x, prepack_w4(packed, scale, group_size, shape), input_scale).items():
-        assert kernel().shape == expected.shape and kernel().is_contiguous(), name
-        assert_close(kernel(), expected, tolerance)
+    actual = run_kernel(kernel, x, pack_for(kernel, packed, scale, group_size, shape), input_scale)
+    assert actual.shape == expected.shape
+    assert_close(actual, expected, tolerance)
 
 
-def test_w4a8_ref_is_exact_integer_math():
-    """One group, scales of 1: y / input_scale is the exact integer dot, saturation included."""
+def test_the_default_layout_is_the_simd_one_alone_where_the_cpu_runs_it():
+    """One copy of the weight, never two: the SIMD layout replaces the checkpoint's words."""
+    _, packed, scale = make_weight(16, 64, 32)
+    w4 = prepack_w4(packed, scale, 32, (16, 64))
+    x = torch.randn(1, 64)
+    simd = _simd.cpu_has("avx512_vnni")
+    assert (w4.weight_blocks is not None, w4.weight_bytes is None) == (simd, simd)
+    expected = ["simd"] if simd else ["numba", "dequantized_mm"]
+    assert list(cpu_candidates(x, w4)) == expected
+    assert (list(cpu_candidates(x, w4, 0.1)) == ["simd"]) == simd
+
+
+def test_asking_for_the_simd_layout_without_the_kernels_fails(monkeypatch):
+    monkeypatch.setattr(w4_linear, "simd_available", lambda: False)
+    _, packed, scale = make_weight(16, 64, 32)
+    with pytest.raises(ValueError, match="AVX-512 VNNI"):
+        prepack_w4(packed, scale, 32, (16, 64), simd=True)
+
+
+@SIMD_MISSING
+def test_simd_kernels_take_an_empty_batch():
+    _, packed, scale = make_weight(40, 64, 32)
+    w4 = prepack_w4(packed, scale, 32, (40, 64), simd=True)
+    x = torch.randn(0, 64)
+    assert run_kernel("simd", x, w4).shape == (0, 40) and run_kernel("simd", x, w4, 0.1).shape == (0, 40)
+
+
+@pytest.mark.parametrize("kernel", W4A8_KERNELS)
+def test_w4a8_is_exact_integer_math(kernel):
+    """One group, scales of 1: y / input_scale is the exact integer dot, saturation included,
+    in the reference and in each CPU kernel."""
     q, packed, _ = make_weight(5, 64, 64)
     scale = torch.ones(5, 1)
     x = torch.linspace(-300, 300, 64)[None]  # beyond the int8 range at both ends
@@ -154,7 +214,7 @@ def test_w4a8_ref_is_exact_integer_math():
     x_q = x.round().clamp(-128, 127)
     expected = (x_q.double() @ q.double().T).float()
     assert torch.equal(w4a8_linear_ref(x, packed, scale, 64, (5, 64), input_scale), expected)
-    assert torch.equal(w4a8_linear_cpu(x, prepack_w4(packed, scale, 64, (5, 64)), input_scale), expected)
+    assert torch.equal(run_kernel(kernel, x, pack_for(kernel, packed, scale, 64, (5, 64)), input_scale), expected)
 
 
 def test_bias_3d_input_and_bf16():
@@ -177,7 +237,8 @@ def test_bias_3d_input_and_bf16():
     assert_close(actual, expected, 2**-8 * expected.float().abs().reshape(-1, 19) + 1e-6)
 
 
-def test_w4a8_saturates_outliers():
+@pytest.mark.parametrize("kernel", W4A8_KERNELS)
+def test_w4a8_saturates_outliers(kernel):
     """Activations far beyond 127 * input_scale clamp to +-127/-128, as the reference does."""
     _, packed, scale = make_weight(9, 128, 32)
     shape = (9, 128)
@@ -185,7 +246,7 @@ def test_w4a8_saturates_outliers():
     x[:, ::7] *= 1000
     input_scale = torch.tensor([0.01])
     expected = w4a8_linear_ref(x, packed, scale, 32, shape, input_scale)
-    actual = w4a8_linear_cpu(x, prepack_w4(packed, scale, 32, shape), input_scale)
+    actual = run_kernel(kernel, x, pack_for(kernel, packed, scale, 32, shape), input_scale)
     weight = dequantize_w4_ref(packed, scale, 32, shape)
     assert_close(actual, expected, 1e-6 * bound(quantize_int8(x, input_scale), weight) * input_scale + 1e-7)
     # Without the clamp the outlier columns would dominate: the test sees saturation.

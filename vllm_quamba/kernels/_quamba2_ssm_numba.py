@@ -3,7 +3,10 @@
 Both kernels run whole batches in one call, read and write vLLM's int8 state cache in place
 through a flat view of its storage (``conv``/``ssm``: the storage, the view's storage offset
 and strides; the kernels find each sequence's slot from its slot number) and end with the gated
-RMSNorm and the online Hadamard transform, so the caller gets out_proj's input.
+RMSNorm and the online Hadamard transform, so the caller gets out_proj's input. The decode's
+phases (``decode_conv``, ``decode_states``, ``decode_finish``) are also called one by one, with
+the C state update (csrc/quamba2_ssm_decode.c, the same fp32 operations) in place of
+``decode_states`` where the CPU has AVX-512 VNNI.
 
 fastmath stays off except in ``_dot`` (reassociation only, so LLVM can vectorize the
 y = state . C reduction): every quantization point then rounds the same fp32 value as the torch
@@ -146,14 +149,14 @@ def _head_int8(state_q, scale_rows, w, decay, dt, x, b, c, d, y, new_state):
 
 
 @njit(cache=True)
-def _ssm_token_int8(state_q, xbc, dt, w, y, new_state):
+def _ssm_token_int8(state_q, xbc, dt, decay, w, y, new_state):
     """One decode step on a sequence's int8 cache slot [H*P, N], updated in place and never
     dequantized as a whole; y [I] gets its output; new_state [P, N] is scratch."""
     for h in range(w.num_heads):
         b, c = _group_operands(xbc, h, w)
         rows = slice(h * w.head_dim, (h + 1) * w.head_dim)
         _head_int8(
-            state_q[rows], w.state_scale_row[rows], w, np.exp(dt[h] * w.A[h]), dt[h],
+            state_q[rows], w.state_scale_row[rows], w, decay[h], dt[h],
             xbc[rows], b, c, w.D[h], y[rows], new_state,
         )  # fmt: skip
 
@@ -262,8 +265,12 @@ def _load_window(conv, slot, window):
     flat, base, slot_stride, state_stride, channel_stride = conv
     offset = base + slot * slot_stride
     for j in range(window.shape[0]):
-        for c in range(window.shape[1]):
-            window[j, c] = flat[offset + j * state_stride + c * channel_stride]
+        start = offset + j * state_stride
+        if channel_stride == 1:  # vLLM's default "SD" layout: block copies (5-8x faster)
+            window[j] = flat[start : start + window.shape[1]]
+        else:
+            for c in range(window.shape[1]):
+                window[j, c] = flat[start + c * channel_stride]
 
 
 @njit(cache=True)
@@ -271,8 +278,12 @@ def _store_window(window, conv, slot):
     flat, base, slot_stride, state_stride, channel_stride = conv
     offset = base + slot * slot_stride
     for j in range(window.shape[0]):
-        for c in range(window.shape[1]):
-            flat[offset + j * state_stride + c * channel_stride] = window[j, c]
+        start = offset + j * state_stride
+        if channel_stride == 1:
+            flat[start : start + window.shape[1]] = window[j]
+        else:
+            for c in range(window.shape[1]):
+                flat[start + c * channel_stride] = window[j, c]
 
 
 @njit(cache=True)
@@ -285,25 +296,71 @@ def _state_slot(ssm, slot, w):
 
 
 @njit(cache=True)
-def decode_kernel(zxbcdt, w, slots, conv, ssm, out):
-    """One token per sequence: zxbcdt f32 [B, in_proj_dim] -> out f32 [B, I]; sequence b's
-    states are updated in place in cache slot slots[b] (conv and ssm as in _load_window and
-    _state_slot)."""
+def decode_buffers(w, batch):
+    """The decode phases' fp32 intermediates for a batch: xbc [B, conv_dim], dt and
+    decay [B, H], y [B, I]."""
+    conv_dim = w.conv_weight_t.shape[1]
+    return (
+        np.empty((batch, conv_dim), dtype=np.float32),
+        np.empty((batch, w.num_heads), dtype=np.float32),
+        np.empty((batch, w.num_heads), dtype=np.float32),
+        np.empty((batch, w.num_heads * w.head_dim), dtype=np.float32),
+    )
+
+
+# A decode step runs in three phases, so that the state update in the middle can be the C
+# kernel (csrc/quamba2_ssm_decode.c) where the CPU has AVX-512: quamba2_ssm then calls each
+# phase over the whole batch, else decode_kernel runs all three.
+
+
+@njit(cache=True)
+def decode_conv(zxbcdt, w, slots, conv, xbc, dt, decay):
+    """Phase 1: the conv (its window updated in place in cache slot slots[b]) and the
+    effective dt of each sequence b: xbc[b] = the SSM's [x, B, C], dt[b], decay[b] = exp(dt * A)."""
     intermediate = w.num_heads * w.head_dim
     conv_dim = w.conv_weight_t.shape[1]
     window = np.empty((w.conv_weight_t.shape[0] - 1, conv_dim), dtype=np.int8)
-    xbc = np.empty(conv_dim, dtype=np.float32)
-    new_state = np.empty((w.head_dim, w.state_size), dtype=np.float32)
-    y = np.empty(intermediate, dtype=np.float32)
     scratch = _new_scratch(w)
     for b in range(zxbcdt.shape[0]):
         token = zxbcdt[b]
         _load_window(conv, slots[b], window)
-        _conv_token(token[intermediate : intermediate + conv_dim], window, w, xbc, scratch)
+        _conv_token(token[intermediate : intermediate + conv_dim], window, w, xbc[b], scratch)
         _store_window(window, conv, slots[b])
-        dt = _effective_dt(token[intermediate + conv_dim :], w)
-        _ssm_token_int8(_state_slot(ssm, slots[b], w), xbc, dt, w, y, new_state)
-        _finish_token(y, token[:intermediate], w, out[b], scratch)
+        dt[b] = _effective_dt(token[intermediate + conv_dim :], w)
+        for h in range(w.num_heads):
+            decay[b, h] = np.exp(dt[b, h] * w.A[h])
+
+
+@njit(cache=True)
+def decode_states(xbc, dt, decay, w, slots, ssm, y):
+    """Phase 2: the int8 state update of each sequence b in cache slot slots[b] -> y[b]."""
+    new_state = np.empty((w.head_dim, w.state_size), dtype=np.float32)
+    for b in range(xbc.shape[0]):
+        _ssm_token_int8(_state_slot(ssm, slots[b], w), xbc[b], dt[b], decay[b], w, y[b], new_state)
+
+
+@njit(cache=True)
+def decode_finish(y, zxbcdt, w, out):
+    """Phase 3: out[b] = the gated norm of y[b] with z of zxbcdt[b] (Hadamard-rotated if
+    w.rotate)."""
+    intermediate = w.num_heads * w.head_dim
+    scratch = _new_scratch(w)
+    for b in range(y.shape[0]):
+        _finish_token(y[b], zxbcdt[b, :intermediate], w, out[b], scratch)
+
+
+@njit(cache=True)
+def decode_kernel(zxbcdt, w, slots, conv, ssm, out):
+    """One token per sequence, the three phases in one call: zxbcdt f32 [B, in_proj_dim] ->
+    out f32 [B, I]; sequence b's states are updated in place in cache slot slots[b] (conv and
+    ssm as in _load_window and _state_slot). The phases run sequence by sequence: at batch 16
+    that measured 1.15x faster than each phase over the whole batch."""
+    xbc, dt, decay, y = decode_buffers(w, 1)
+    for b in range(zxbcdt.shape[0]):
+        token, slot = zxbcdt[b : b + 1], slots[b : b + 1]
+        decode_conv(token, w, slot, conv, xbc, dt, decay)
+        decode_states(xbc, dt, decay, w, slot, ssm, y)
+        decode_finish(y, token, w, out[b : b + 1])
 
 
 # Prefill tokens per block: the block's conv outputs come first, then each head runs all the

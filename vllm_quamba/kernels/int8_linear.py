@@ -10,8 +10,12 @@ input_scale fp32 scalar or [1], optional bias [N]:
 
 Public functions, all with the signature of w8a8_linear_ref:
 - w8a8_linear_ref: the plain-torch specification.
-- w8a8_linear_cpu: the CPU fast path, the faster on this machine and call shape (measured on
-  the first call of each shape class: measured_choice.py) of two exact kernels:
+- w8a8_linear_cpu: the CPU fast path, the fastest on this machine and call shape (measured on
+  the first call of each shape class: measured_choice.py) of up to three exact kernels:
+  - on CPUs with AVX-512 VNNI, a C kernel (csrc/w8a8_linear.c) that multiplies int8 by int8
+    with vpdpbusd, reading each group of 4 weight rows once for every row of x: the int8
+    weights stream at memory speed at batch 1, where the numba kernel's int32 arithmetic
+    limited it to about half of that;
   - a single-threaded numba kernel (_int8_linear_numba) that reads the int8 weight as stored
     (row-major [N, K]: no pre-packing step) in register tiles of 4 x 4 int32 accumulators;
     on an AVX2 CPU it beat fp32 F.linear at every row count from 1 to 512
@@ -33,6 +37,7 @@ from collections.abc import Callable
 
 import torch
 
+from . import _simd
 from .measured_choice import run_fastest
 from .quant import quantize_int8
 
@@ -95,10 +100,46 @@ def _int_mm_linear(x2d, weight, weight_scale, input_scale, bias) -> torch.Tensor
     return torch.from_numpy(_int8_linear_numba.epilogue(acc.numpy(), input_scale, weight_scale, bias, has_bias))
 
 
+@functools.cache
+def _simd_kernels() -> dict[str, Callable]:
+    """csrc/w8a8_linear.c's kernels this CPU runs, by candidate name (AVX-512 VNNI, AMX)."""
+    p, i64, f32 = _simd.POINTER, _simd.INT64, _simd.FLOAT
+    signature = (p, i64, i64, f32, p, i64, p, p, p)
+    kernels = {
+        "simd": _simd.function("quamba_w8a8_linear_avx512_vnni", "avx512_vnni", *signature),
+        "amx": _simd.function("quamba_w8a8_linear_amx", "amx_int8", *signature),
+    }
+    return {name: kernel for name, kernel in kernels.items() if kernel is not None}
+
+
+def _f32_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.to(torch.float32).contiguous()
+
+
+def _simd_linear(kernel, x2d, weight, weight_scale, input_scale, bias) -> torch.Tensor:
+    x = _f32_contiguous(x2d)
+    weight = weight.contiguous()
+    weight_scale = _f32_contiguous(weight_scale.reshape(-1))
+    bias = None if bias is None else _f32_contiguous(bias)
+    input_scale = input_scale.item() if isinstance(input_scale, torch.Tensor) else float(input_scale)
+    (rows, cols_in), cols_out = x.shape, weight.shape[0]
+    out = torch.empty(rows, cols_out, dtype=torch.float32)
+    status = kernel(
+        x.data_ptr(), rows, cols_in, input_scale, weight.data_ptr(), cols_out, weight_scale.data_ptr(),
+        None if bias is None else bias.data_ptr(), out.data_ptr(),
+    )  # fmt: skip
+    if status != 0:
+        raise MemoryError(f"w8a8_linear: no memory for the int8 copy of a [{rows}, {cols_in}] input")
+    return out
+
+
 def cpu_candidates(x2d, weight, weight_scale, input_scale, bias) -> dict[str, Callable[[], torch.Tensor]]:
-    """The exact CPU kernels for x2d [M, K], by name, each returning fp32 [M, N]."""
+    """The exact CPU kernels for x2d [M, K] on this CPU, by name, each returning fp32 [M, N]."""
     args = (x2d, weight, weight_scale, input_scale, bias)
-    return {"numba": lambda: _numba_linear(*args), "int_mm": lambda: _int_mm_linear(*args)}
+    candidates = {"numba": lambda: _numba_linear(*args), "int_mm": lambda: _int_mm_linear(*args)}
+    for name, kernel in _simd_kernels().items():
+        candidates[name] = functools.partial(_simd_linear, kernel, *args)
+    return candidates
 
 
 def w8a8_linear_cpu(x, weight, weight_scale, input_scale, bias=None, out_dtype=None) -> torch.Tensor:

@@ -20,12 +20,15 @@ int8 loses nothing. States are functional here: new states are returned, never w
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import math
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from . import _simd
 from .causal_conv1d import causal_conv1d_ref, causal_conv1d_update_ref
 from .gated_rmsnorm import gated_rmsnorm_ref
 from .hadamard import hadamard_base
@@ -185,11 +188,16 @@ def quamba2_ssm_decode_ref(
 
 # ----------------------------------------------------------------------------- CPU fast path
 #
-# One numba call per layer and step (_quamba2_ssm_numba): the whole batch, states read and
-# written in place in the int8 cache, the output already gated-normed and (if asked) rotated by
-# the online Hadamard transform. Equal to the references above up to fp32 rounding order
-# (exp, the conv and y = state . C sums, the Hadamard base matmul), which moves an int8 value
-# by one step only where the reference's value lies within rounding error of a tie.
+# The whole batch per call, states read and written in place in the int8 cache, the output
+# already gated-normed and (if asked) rotated by the online Hadamard transform. A decode runs
+# in three phases (_quamba2_ssm_numba.decode_kernel): the conv and dt (numba), the int8 state
+# update, and the gated norm (numba). Where the CPU has AVX-512 VNNI, the state update - most of
+# a decode's time: it streams the int8 states, 192 KiB per sequence and layer at mamba2-130m -
+# is the C kernel csrc/quamba2_ssm_decode.c, else numba's, in one numba call with the other
+# phases; both compute the same fp32 states, and y only sums in another order. Prefills are one
+# numba call. Equal to the references above up to fp32 rounding order (exp, the conv and
+# y = state . C sums, the Hadamard base matmul), which moves an int8 value by one step only
+# where the reference's value lies within rounding error of a tie.
 
 
 class Quamba2CpuWeights(NamedTuple):
@@ -287,19 +295,30 @@ def _flat_storage(cache: torch.Tensor) -> np.ndarray:
     return torch.empty(0, dtype=torch.int8).set_(cache.untyped_storage()).numpy()
 
 
-def _cache_views(p: Quamba2SSMParams, conv_cache: torch.Tensor, ssm_cache: torch.Tensor):
-    """The kernels' handles on the caches: (flat storage, storage offset, strides...); the
-    kernels find a slot's states from these, so no per-call offset arithmetic runs in torch."""
+def _check_ssm_cache(p: Quamba2SSMParams, ssm_cache: torch.Tensor) -> None:
     _, ssm_shape = quamba2_ssm_decode_state_shapes(p)
     contiguous_slot = (ssm_shape[1] * ssm_shape[2], ssm_shape[2], 1)
+    if ssm_cache.dtype != torch.int8:
+        raise TypeError(f"quamba states are int8, got a {ssm_cache.dtype} cache")
     if tuple(ssm_cache.shape[1:]) != ssm_shape or ssm_cache.stride()[1:] != contiguous_slot:
         raise ValueError(
             f"the SSM cache must hold contiguous {ssm_shape} slots, got shape "
             f"{tuple(ssm_cache.shape)} strides {ssm_cache.stride()}"
         )
-    conv = (_flat_storage(conv_cache), conv_cache.storage_offset(), *conv_cache.stride())
+
+
+def _conv_view(conv_cache: torch.Tensor):
+    """The numba kernels' handle on the conv cache: (flat storage, storage offset, strides...);
+    the kernels find a slot's window from it, so no per-call offset arithmetic runs in torch."""
+    return (_flat_storage(conv_cache), conv_cache.storage_offset(), *conv_cache.stride())
+
+
+def _cache_views(p: Quamba2SSMParams, conv_cache: torch.Tensor, ssm_cache: torch.Tensor):
+    """The numba kernels' handles on both caches (the SSM's as (flat storage, storage offset,
+    slot stride))."""
+    _check_ssm_cache(p, ssm_cache)
     ssm = (_flat_storage(ssm_cache), ssm_cache.storage_offset(), ssm_cache.stride(0))
-    return conv, ssm
+    return _conv_view(conv_cache), ssm
 
 
 def _slot_numbers(slots: torch.Tensor) -> np.ndarray:
@@ -322,6 +341,51 @@ def _output(zxbcdt: torch.Tensor, p: Quamba2SSMParams, out: torch.Tensor | None)
     return out
 
 
+@functools.cache
+def _simd_state_update():
+    """csrc/quamba2_ssm_decode.c's kernel, or None where this CPU lacks AVX-512 VNNI."""
+    p, i64 = _simd.POINTER, _simd.INT64
+    return _simd.function(
+        "quamba_quamba2_ssm_decode_avx512_vnni", "avx512_vnni",
+        p, i64, p, i64, p, i64, p, p, p, p, p, p, i64, i64, i64, i64, p,
+    )  # fmt: skip
+
+
+def _state_update_constants(p: Quamba2SSMParams, w: Quamba2CpuWeights) -> tuple[int, ...]:
+    """The C state update's per-layer arguments: pointers into w's arrays (kept alive on p with
+    w) and the shapes; cached on p, since numpy's .ctypes.data costs a microsecond each."""
+    constants = p.__dict__.get("_state_update_constants")
+    if constants is None:
+        pointers = [a.ctypes.data for a in (w.D, w.state_scale_row, w.state_scale_table, w.state_inv_table)]
+        constants = (*pointers, w.num_heads, w.head_dim, w.state_size, w.n_groups)
+        p.__dict__["_state_update_constants"] = constants
+    return constants
+
+
+def _decode_simd(kernel, zxbcdt, p: Quamba2SSMParams, w: Quamba2CpuWeights, slots, conv_cache, ssm_cache, out):
+    """The decode's three phases with the C state update in the middle; the phases' buffers
+    share one allocation, so that one pointer lookup serves them all."""
+    from . import _quamba2_ssm_numba
+
+    _check_ssm_cache(p, ssm_cache)
+    batch, intermediate, conv_dim = zxbcdt.shape[0], p.intermediate_size, p.conv_dim
+    slots = np.ascontiguousarray(slots, dtype=np.int64)
+    sizes = (batch * conv_dim, batch * p.num_heads, batch * p.num_heads, batch * intermediate)
+    buffer = np.empty(sum(sizes), dtype=np.float32)
+    xbc_at, dt_at, decay_at, y_at = itertools.accumulate((0, *sizes[:-1]))
+    xbc = buffer[xbc_at:dt_at].reshape(batch, conv_dim)
+    dt = buffer[dt_at:decay_at].reshape(batch, p.num_heads)
+    decay = buffer[decay_at:y_at].reshape(batch, p.num_heads)
+    y = buffer[y_at:].reshape(batch, intermediate)
+    _quamba2_ssm_numba.decode_conv(zxbcdt, w, slots, _conv_view(conv_cache), xbc, dt, decay)
+    base, itemsize = buffer.ctypes.data, buffer.itemsize
+    kernel(
+        ssm_cache.data_ptr(), ssm_cache.stride(0), slots.ctypes.data, batch, base + itemsize * xbc_at, conv_dim,
+        base + itemsize * dt_at, base + itemsize * decay_at, *_state_update_constants(p, w), base + itemsize * y_at,
+    )  # fmt: skip
+    _quamba2_ssm_numba.decode_finish(y, zxbcdt, w, out)
+
+
 def quamba2_ssm_decode_cpu(
     zxbcdt: torch.Tensor,
     p: Quamba2SSMParams,
@@ -342,6 +406,10 @@ def quamba2_ssm_decode_cpu(
 
     out = _output(zxbcdt, p, out)
     weights = cpu_weights(p)._replace(rotate=rotate_output)
+    kernel = _simd_state_update()
+    if kernel is not None:
+        _decode_simd(kernel, _f32_rows(zxbcdt), p, weights, _slot_numbers(slots), conv_cache, ssm_cache, out.numpy())
+        return out
     _quamba2_ssm_numba.decode_kernel(
         _f32_rows(zxbcdt), weights, _slot_numbers(slots), *_cache_views(p, conv_cache, ssm_cache),
         out.numpy(),

@@ -17,30 +17,41 @@ x is [..., K]; y is [..., N] in x's dtype.
 API (each op has the same four entry points):
 - ``w4a16_linear_ref`` / ``w4a8_linear_ref``: plain torch, the specification.
 - ``w4a16_linear_cpu(x, packed, bias)`` / ``w4a8_linear_cpu(x, packed, input_scale, bias)``: the
-  CPU path on a ``PackedW4`` from ``prepack_w4(...)`` (a view of the checkpoint tensors and a
-  transposed copy of the scales; call it once after loading). Two kernels compete per call
-  shape (``measured_choice``: the faster on this machine wins):
-  - one single-threaded numba kernel for every M: it unpacks the nibbles in its inner loop and
-    multiplies 4 weight rows by 4 x rows per pass, so each weight byte is unpacked once per 4
-    rows of x and each x load serves 4 weight rows. On an AMD Zen 5 (AVX-512, no AMX) it beat
-    dequantizing weight tiles for torch.mm at every M measured (1 to 512);
-  - the GEMM library on weight tiles unpacked one at a time (1 MiB, L2-resident): W4A16 by
-    torch.mm on dequantized fp32 tiles, W4A8 by torch._int_mm per group on int8 tiles. On a
-    Xeon with AMX the numba kernel lost to fp32 F.linear from 16 rows up (0.3x at 128 rows),
-    where these win.
-  W4A8's per-group integer sums are exact in both; the float sums over k (W4A16) and over
+  CPU path on a ``PackedW4`` from ``prepack_w4(...)`` (call it once after loading). Its layout
+  decides the kernels:
+  - on CPUs with AVX-512 VNNI, C kernels (csrc/w4_linear.c) on the words regrouped into blocks of
+    16 output rows (``interleave_w4``), one row per vector lane, so that no sum is reduced across
+    lanes: W4A8 multiplies the nibbles by int8 x with vpdpbusd, W4A16 looks up each nibble's
+    fp32 value with vpermps for an FMA. On a Sapphire Rapids Xeon (1 thread, cold cache) they
+    streamed 4-bit weights at 8-13 GB/s at batch 1 (2-2.5x the numba kernel; the call overhead
+    weighs on small layers), and at 16 rows ran the mamba2-130m linears 5-10x (W4A8) and
+    2.5-4x (W4A16) faster than fp32 F.linear, faster than the kernels below at every shape
+    measured (1 to 64 rows), so they run alone: the words are kept in their layout only;
+  - elsewhere, on a view of the checkpoint's words, two kernels compete per call shape
+    (``measured_choice``: the faster on this machine wins):
+    - a single-threaded numba kernel for every M: it unpacks the nibbles in its inner loop and
+      multiplies 4 weight rows by 4 x rows per pass, so each weight byte is unpacked once per 4
+      rows of x and each x load serves 4 weight rows. On an AMD Zen 5 (AVX-512, no AMX) it beat
+      dequantizing weight tiles for torch.mm at every M measured (1 to 512);
+    - the GEMM library on weight tiles unpacked one at a time (1 MiB, L2-resident): W4A16 by
+      torch.mm on dequantized fp32 tiles, W4A8 by torch._int_mm per group on int8 tiles. On a
+      Xeon with AMX the numba kernel lost to fp32 F.linear from 16 rows up (0.3x at 128 rows),
+      where these win.
+  W4A8's per-group integer sums are exact in all; the float sums over k (W4A16) and over
   groups differ only in order, within the tests' stated fp32 tolerance.
 - ``w4a16_linear_triton`` / ``w4a8_linear_triton``: a Triton kernel (GPU, or CPU under
   TRITON_INTERPRET=1); W4A8 multiplies int8 by int8 into int32 one group at a time.
-- ``w4a16_linear`` / ``w4a8_linear``: dispatch on x's device (CUDA -> Triton, CPU -> numba path),
+- ``w4a16_linear`` / ``w4a8_linear``: dispatch on x's device (CUDA -> Triton, CPU -> the CPU path),
   with the reference's signature.
 """
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from vllm_quamba.kernels import _simd
 from vllm_quamba.kernels.measured_choice import run_fastest
 from vllm_quamba.kernels.quant import quantize_int8
 
@@ -55,6 +66,8 @@ PACK_FACTOR = 8  # 4-bit values per int32 word
 X_PASS_BYTES = 256 * 1024
 # Weight rows unpacked per tile for torch.mm / torch._int_mm: a tile stays in L2.
 LIBRARY_TILE_BYTES = 1 << 20
+# Output rows per block of the SIMD kernels' weight layout: one int32 lane each in a zmm register.
+SIMD_BLOCK_ROWS = 16
 
 
 def _check_layout(weight_packed: torch.Tensor, weight_scale: torch.Tensor, group_size: int, weight_shape) -> tuple[int, int]:
@@ -117,33 +130,78 @@ def w4a8_linear_ref(x, weight_packed, weight_scale, group_size, weight_shape, in
 
 
 # ---------------------------------------------------------------------------------------------
-# CPU: numba
+# CPU: numba, the GEMM library and the C SIMD kernels
 
 
 @dataclass(frozen=True)
 class PackedW4:
-    """CPU view of a pack-quantized weight: the int32 words read as bytes (two k per byte)."""
+    """CPU form of a pack-quantized weight, in one of two layouts, never both (a second copy
+    would double the resident 4-bit weight):
+    - ``weight_blocks`` (interleave_w4) where this CPU runs the C SIMD kernels, then the only
+      candidates (they beat the others at every shape measured, see the module docstring);
+    - else ``weight_bytes``: the int32 words read as bytes (two k per byte), a view of the
+      checkpoint tensor, for the numba and GEMM-library kernels.
+    """
 
-    weight_bytes: torch.Tensor  # uint8 [N, 4 * ceil(K / 8)]
+    weight_bytes: torch.Tensor | None  # uint8 [N, 4 * ceil(K / 8)]
+    weight_blocks: torch.Tensor | None  # int32 [ceil(N / 16), ceil(K / 8), 16]
     weight_scale: torch.Tensor  # float32 [N, ceil(K / G)]
-    # The same scales transposed, float32 [ceil(K / G), N], for _int_mm_by_group's epilogue
-    # (its loops over N vectorize). A resident copy: 4 * N * K / G more bytes, 8 / G of the
-    # packed weight's (1/16 more at G = 128), against a transpose per call.
+    # The same scales transposed, float32 [ceil(K / G), N], for the epilogues of
+    # _int_mm_by_group and the SIMD kernels (their loops over N vectorize). A resident copy:
+    # 4 * N * K / G more bytes, 8 / G of the packed weight's (1/16 more at G = 128).
     weight_scale_t: torch.Tensor
     group_size: int
     out_features: int
     in_features: int
 
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The weight in its layout, the scales and the transposed scales (what a torch custom
+        op can take: from_tensors rebuilds the PackedW4 from them without copying)."""
+        weight = self.weight_blocks if self.weight_blocks is not None else self.weight_bytes
+        return weight, self.weight_scale, self.weight_scale_t
 
-def prepack_w4(weight_packed: torch.Tensor, weight_scale: torch.Tensor, group_size: int, weight_shape) -> PackedW4:
-    """Validate and view the checkpoint tensors for the CPU path (copies only non-contiguous
-    input, and the scales once more, transposed)."""
+    @classmethod
+    def from_tensors(cls, weight, weight_scale, weight_scale_t, group_size, out_features, in_features) -> "PackedW4":
+        simd = weight.dtype == torch.int32  # the blocks keep the words; the bytes view is uint8
+        return cls(
+            weight_bytes=None if simd else weight, weight_blocks=weight if simd else None,
+            weight_scale=weight_scale, weight_scale_t=weight_scale_t,
+            group_size=group_size, out_features=out_features, in_features=in_features,
+        )  # fmt: skip
+
+
+def interleave_w4(weight_packed: torch.Tensor) -> torch.Tensor:
+    """int32 words [N, W] -> [ceil(N / 16), W, 16]: word w of 16 consecutive rows side by side
+    (rows past N zero), so that one 64-byte load gives one word of 16 rows (csrc/w4_linear.c)."""
+    out_features, words = weight_packed.shape
+    blocks = -(-out_features // SIMD_BLOCK_ROWS)
+    padded = torch.nn.functional.pad(weight_packed, (0, 0, 0, blocks * SIMD_BLOCK_ROWS - out_features))
+    return padded.reshape(blocks, SIMD_BLOCK_ROWS, words).transpose(1, 2).contiguous()
+
+
+def simd_available() -> bool:
+    """Whether this CPU runs the C SIMD kernels (both need the same instructions)."""
+    return _simd_kernel_w4a8() is not None and _simd_kernel_w4a16() is not None
+
+
+def prepack_w4(
+    weight_packed: torch.Tensor, weight_scale: torch.Tensor, group_size: int, weight_shape, simd: bool | None = None
+) -> PackedW4:
+    """Validate the checkpoint tensors and lay them out for the CPU path: for the SIMD kernels
+    when ``simd`` (default: where this CPU runs them; a copy of the words in their layout, after
+    which the checkpoint tensor is no longer needed), else as a view of weight_packed. The
+    scales are copied once more, transposed."""
     out_features, in_features = _check_layout(weight_packed, weight_scale, group_size, weight_shape)
     if weight_packed.device.type != "cpu":
         raise ValueError("prepack_w4 is for the CPU path; weight_packed is on " + str(weight_packed.device))
+    if simd is None:
+        simd = simd_available()
+    elif simd and not simd_available():
+        raise ValueError("this CPU does not run the SIMD kernels (they need AVX-512 VNNI)")
     return PackedW4(
         # Little-endian words: byte t holds k = 2t (low nibble) and k = 2t + 1 (high nibble).
-        weight_bytes=weight_packed.contiguous().view(torch.uint8),
+        weight_bytes=None if simd else weight_packed.contiguous().view(torch.uint8),
+        weight_blocks=interleave_w4(weight_packed) if simd else None,
         weight_scale=weight_scale.to(torch.float32).contiguous(),
         weight_scale_t=weight_scale.to(torch.float32).t().contiguous(),
         group_size=group_size,
@@ -222,9 +280,43 @@ def _int_mm_by_group(x: torch.Tensor, packed: PackedW4, input_scale) -> torch.Te
     return out
 
 
+@functools.cache
+def _simd_kernel_w4a8():
+    """csrc/w4_linear.c's W4A8 kernel, or None where this CPU lacks AVX-512 VNNI."""
+    p, i64, f32 = _simd.POINTER, _simd.INT64, _simd.FLOAT
+    return _simd.function("quamba_w4a8_linear_avx512_vnni", "avx512_vnni", p, i64, i64, f32, p, i64, p, i64, p)
+
+
+@functools.cache
+def _simd_kernel_w4a16():
+    """csrc/w4_linear.c's W4A16 kernel, or None where this CPU lacks AVX-512 VNNI."""
+    p, i64 = _simd.POINTER, _simd.INT64
+    return _simd.function("quamba_w4a16_linear_avx512_vnni", "avx512_vnni", p, i64, i64, p, i64, p, i64, p)
+
+
+def _simd_linear(x: torch.Tensor, packed: PackedW4, input_scale=None) -> torch.Tensor:
+    """float32 [M, N] from csrc/w4_linear.c; W4A8 when input_scale is given."""
+    x2d = x.reshape(-1, packed.in_features)
+    if x2d.dtype != torch.float32 or not x2d.is_contiguous():
+        x2d = x2d.to(torch.float32).contiguous()
+    rows, (out_features, in_features) = x2d.shape[0], (packed.out_features, packed.in_features)
+    out = torch.empty(rows, out_features)
+    weight = (packed.weight_blocks.data_ptr(), out_features, packed.weight_scale_t.data_ptr(), packed.group_size)
+    if input_scale is None:
+        status = _simd_kernel_w4a16()(x2d.data_ptr(), rows, in_features, *weight, out.data_ptr())
+    else:
+        input_scale = input_scale.item() if isinstance(input_scale, torch.Tensor) else float(input_scale)
+        status = _simd_kernel_w4a8()(x2d.data_ptr(), rows, in_features, input_scale, *weight, out.data_ptr())
+    if status != 0:
+        raise MemoryError(f"w4_linear: no memory for the SIMD kernel's scratch copy of a [{rows}, {in_features}] input")
+    return out
+
+
 def cpu_candidates(x: torch.Tensor, packed: PackedW4, input_scale=None) -> dict[str, Callable[[], torch.Tensor]]:
-    """The CPU kernels for x [..., K] by name, each returning float32 [M, N]: W4A8 when
-    input_scale is given, else W4A16."""
+    """The CPU kernels for x [..., K] on packed's layout, by name, each returning float32
+    [M, N]: W4A8 when input_scale is given, else W4A16."""
+    if packed.weight_blocks is not None:
+        return {"simd": lambda: _simd_linear(x, packed, input_scale)}
     if input_scale is None:
         return {"numba": lambda: _numba_linear(x, packed), "dequantized_mm": lambda: _dequantized_mm(x, packed)}
     return {

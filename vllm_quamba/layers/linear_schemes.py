@@ -35,16 +35,24 @@ from vllm.model_executor.parameter import (
 from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
 from ..kernels.int8_linear import w8a8_linear, w8a8_linear_cpu
-from ..kernels.w4_linear import prepack_w4, w4a8_linear, w4a8_linear_cpu, w4a16_linear, w4a16_linear_cpu
+from ..kernels.w4_linear import (
+    PackedW4,
+    prepack_w4,
+    w4a8_linear,
+    w4a8_linear_cpu,
+    w4a16_linear,
+    w4a16_linear_cpu,
+)
 
 W4_PACK_FACTOR = 8  # 4-bit values per int32 word of weight_packed
 
 
 # The kernels are opaque custom ops for torch.compile (vLLM compiles the model by default):
-# Dynamo cannot trace into a numba dispatcher. Eager CPU calls skip the op and go straight to
-# the kernel with what process_weights_after_loading prepared: the op's dispatch alone cost
+# Dynamo cannot trace into numba or ctypes calls. Eager CPU calls skip the op and go straight
+# to the kernel with what process_weights_after_loading prepared: the op's dispatch alone cost
 # 20-25 us a call (out_proj at batch 1 on the Xeon VM: 105 us through the op, 85 us direct),
-# ~1 ms of a decode step's 49 linears, and the 4-bit path also re-validated its weights.
+# ~1 ms of a decode step's 49 linears. The 4-bit CPU op takes the prepared PackedW4's tensors;
+# ``vllm_quamba::w4_linear`` (the checkpoint's tensors) serves CUDA.
 def _eager_cpu(x: torch.Tensor) -> bool:
     return x.is_cpu and not torch.compiler.is_compiling()
 
@@ -55,6 +63,25 @@ def w8a8_linear_op(
     input_scale: torch.Tensor, bias: torch.Tensor | None,
 ) -> torch.Tensor:
     return w8a8_linear(x, weight, weight_scale, input_scale, bias)
+
+
+@torch.library.custom_op("vllm_quamba::w4_linear_cpu", mutates_args=())
+def w4_linear_cpu_op(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, weight_scale_t: torch.Tensor,
+    group_size: int, out_features: int, in_features: int, input_scale: float | None,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """The CPU kernels on the layer's PackedW4 (its tensors: the op cannot take the object)."""
+    packed = PackedW4.from_tensors(weight, weight_scale, weight_scale_t, group_size, out_features, in_features)
+    if input_scale is not None:
+        return w4a8_linear_cpu(x, packed, input_scale, bias)
+    return w4a16_linear_cpu(x, packed, bias)
+
+
+@w4_linear_cpu_op.register_fake
+def _w4_cpu_output(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, weight_scale_t: torch.Tensor,
+                   group_size: int, out_features: int, *args) -> torch.Tensor:  # fmt: skip
+    return x.new_empty((*x.shape[:-1], out_features))
 
 
 @torch.library.custom_op("vllm_quamba::w4_linear", mutates_args=())
@@ -152,10 +179,12 @@ class QuambaW4Linear(CompressedTensorsScheme):
                 f"weight_shape {layer.weight_shape.tolist()} does not match the packed weight "
                 f"and scales ({expected})"
             )
-        if layer.weight_packed.is_cpu:  # viewed once here for the eager CPU path
-            layer.quamba_packed = prepack_w4(
-                layer.weight_packed.data, layer.weight_scale.data, self.group_size, expected
-            )
+        if layer.weight_packed.is_cpu:  # laid out once here for the CPU kernels
+            packed = prepack_w4(layer.weight_packed.data, layer.weight_scale.data, self.group_size, expected)
+            if packed.weight_blocks is not None:
+                # The SIMD kernels' copy replaces the checkpoint's words: one resident copy.
+                layer.weight_packed.data = torch.empty(0, dtype=torch.int32)
+            layer.quamba_packed = packed
             layer.quamba_input_scale = float(layer.input_scale) if self.static_int8_input else None
 
     def apply_weights(
@@ -165,6 +194,12 @@ class QuambaW4Linear(CompressedTensorsScheme):
             if self.static_int8_input:
                 return w4a8_linear_cpu(x, layer.quamba_packed, layer.quamba_input_scale, bias)
             return w4a16_linear_cpu(x, layer.quamba_packed, bias)
+        if x.is_cpu:
+            packed = layer.quamba_packed
+            return w4_linear_cpu_op(
+                x, *packed.tensors(), packed.group_size, packed.out_features, packed.in_features,
+                layer.quamba_input_scale, bias,
+            )  # fmt: skip
         input_scale = layer.input_scale if self.static_int8_input else None
         return w4_linear_op(
             x, layer.weight_packed, layer.weight_scale, layer.weight_shape, self.group_size,
