@@ -120,6 +120,7 @@ def test_w4a8_cpu_matches_ref(out_features, in_features, group_size, rows):
 # 16, the SIMD kernels' passes of 2 and 4 end on a partial one); K not a multiple of 8, 64 or G
 # (a partial last group, the last word partly padding: K = 100, 13, 1000); G = 8, 32, 128; M of
 # 1 and 2 (the SIMD kernels' GEMV passes), 4-row x tiles and leftovers (3, 4, 5, 16, 17, 65).
+# For the AMX kernel: groups shorter than its 64-k tiles (G = 8, 32) and partial 16-row x tiles.
 CANDIDATE_CASES = [
     (37, 256, 128, 3),
     (33, 768, 128, 65),
@@ -134,12 +135,18 @@ CANDIDATE_CASES = [
 ]
 SIMD_MISSING = pytest.mark.skipif(not _simd.cpu_has("avx512_vnni"), reason="no AVX-512 VNNI on this CPU")
 W4A16_KERNELS = ["numba", "dequantized_mm", pytest.param("simd", marks=SIMD_MISSING)]
-W4A8_KERNELS = ["numba", "int_mm_by_group", pytest.param("simd", marks=SIMD_MISSING)]
+AMX_MISSING = pytest.mark.skipif(not _simd.cpu_has("amx_int8"), reason="no AMX on this CPU")
+W4A8_KERNELS = [
+    "numba",
+    "int_mm_by_group",
+    pytest.param("simd", marks=SIMD_MISSING),
+    pytest.param("amx", marks=AMX_MISSING),
+]
 
 
 def pack_for(kernel: str, packed, scale, group_size, shape):
-    """The layout the kernel reads: the SIMD one for "simd", the checkpoint's words otherwise."""
-    return prepack_w4(packed, scale, group_size, shape, simd=kernel == "simd")
+    """The layout the kernel reads: the SIMD one for "simd" and "amx", the checkpoint's words otherwise."""
+    return prepack_w4(packed, scale, group_size, shape, simd=kernel in ("simd", "amx"))
 
 
 def run_kernel(name, x, packed, input_scale=None) -> torch.Tensor:
@@ -185,7 +192,8 @@ def test_the_default_layout_is_the_simd_one_alone_where_the_cpu_runs_it():
     assert (w4.weight_blocks is not None, w4.weight_bytes is None) == (simd, simd)
     expected = ["simd"] if simd else ["numba", "dequantized_mm"]
     assert list(cpu_candidates(x, w4)) == expected
-    assert (list(cpu_candidates(x, w4, 0.1)) == ["simd"]) == simd
+    w4a8_expected = ["simd", "amx"] if _simd.cpu_has("amx_int8") else ["simd"]
+    assert (list(cpu_candidates(x, w4, 0.1)) == w4a8_expected) == simd
 
 
 def test_asking_for_the_simd_layout_without_the_kernels_fails(monkeypatch):
@@ -201,6 +209,23 @@ def test_simd_kernels_take_an_empty_batch():
     w4 = prepack_w4(packed, scale, 32, (40, 64), simd=True)
     x = torch.randn(0, 64)
     assert run_kernel("simd", x, w4).shape == (0, 40) and run_kernel("simd", x, w4, 0.1).shape == (0, 40)
+
+
+@AMX_MISSING
+def test_amx_kernel_takes_an_empty_batch():
+    _, packed, scale = make_weight(40, 64, 32)
+    w4 = prepack_w4(packed, scale, 32, (40, 64), simd=True)
+    assert run_kernel("amx", torch.randn(0, 64), w4, 0.1).shape == (0, 40)
+
+
+@AMX_MISSING
+@pytest.mark.parametrize("out_features,in_features,group_size,rows", CANDIDATE_CASES)
+def test_amx_kernel_matches_the_vnni_kernel_bitwise(out_features, in_features, group_size, rows):
+    """The same exact group sums, scaled and added in the same fp32 order: equal results."""
+    _, packed, scale = make_weight(out_features, in_features, group_size, seed=7)
+    w4 = prepack_w4(packed, scale, group_size, (out_features, in_features), simd=True)
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(8)) * 3
+    assert torch.equal(run_kernel("amx", x, w4, 0.03), run_kernel("simd", x, w4, 0.03))
 
 
 @pytest.mark.parametrize("kernel", W4A8_KERNELS)

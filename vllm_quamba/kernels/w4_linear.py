@@ -26,7 +26,11 @@ API (each op has the same four entry points):
     streamed 4-bit weights at 8-13 GB/s at batch 1 (2-2.5x the numba kernel; the call overhead
     weighs on small layers), and at 16 rows ran the mamba2-130m linears 5-10x (W4A8) and
     2.5-4x (W4A16) faster than fp32 F.linear, faster than the kernels below at every shape
-    measured (1 to 64 rows), so they run alone: the words are kept in their layout only;
+    measured (1 to 64 rows), so they run alone: the words are kept in their layout only.
+    On CPUs with AMX, W4A8 has a second C kernel on the same layout, and measured_choice picks
+    between the two per call shape: tdpbssd multiplies tiles of the unpacked nibbles by 16 rows
+    of x at a time. Where the VNNI kernel is compute-bound (16 rows and up) it measured 1.7-2.5x
+    faster (mamba2-130m's in_proj, out_proj and lm_head at G = 128, 16 to 512 rows);
   - elsewhere, on a view of the checkpoint's words, two kernels compete per call shape
     (``measured_choice``: the faster on this machine wins):
     - a single-threaded numba kernel for every M: it unpacks the nibbles in its inner loop and
@@ -138,7 +142,8 @@ class PackedW4:
     """CPU form of a pack-quantized weight, in one of two layouts, never both (a second copy
     would double the resident 4-bit weight):
     - ``weight_blocks`` (interleave_w4) where this CPU runs the C SIMD kernels, then the only
-      candidates (they beat the others at every shape measured, see the module docstring);
+      candidates (they beat the others at every shape measured, see the module docstring;
+      W4A8 adds the AMX kernel where the CPU has AMX);
     - else ``weight_bytes``: the int32 words read as bytes (two k per byte), a view of the
       checkpoint tensor, for the numba and GEMM-library kernels.
     """
@@ -181,7 +186,7 @@ def interleave_w4(weight_packed: torch.Tensor) -> torch.Tensor:
 
 def simd_available() -> bool:
     """Whether this CPU runs the C SIMD kernels (both need the same instructions)."""
-    return _simd_kernel_w4a8() is not None and _simd_kernel_w4a16() is not None
+    return "simd" in _simd_kernels_w4a8() and _simd_kernel_w4a16() is not None
 
 
 def prepack_w4(
@@ -281,10 +286,15 @@ def _int_mm_by_group(x: torch.Tensor, packed: PackedW4, input_scale) -> torch.Te
 
 
 @functools.cache
-def _simd_kernel_w4a8():
-    """csrc/w4_linear.c's W4A8 kernel, or None where this CPU lacks AVX-512 VNNI."""
+def _simd_kernels_w4a8() -> dict[str, Callable]:
+    """csrc/w4_linear.c's W4A8 kernels this CPU runs, by candidate name (AVX-512 VNNI, AMX)."""
     p, i64, f32 = _simd.POINTER, _simd.INT64, _simd.FLOAT
-    return _simd.function("quamba_w4a8_linear_avx512_vnni", "avx512_vnni", p, i64, i64, f32, p, i64, p, i64, p)
+    signature = (p, i64, i64, f32, p, i64, p, i64, p)
+    kernels = {
+        "simd": _simd.function("quamba_w4a8_linear_avx512_vnni", "avx512_vnni", *signature),
+        "amx": _simd.function("quamba_w4a8_linear_amx", "amx_int8", *signature),
+    }
+    return {name: kernel for name, kernel in kernels.items() if kernel is not None}
 
 
 @functools.cache
@@ -294,8 +304,8 @@ def _simd_kernel_w4a16():
     return _simd.function("quamba_w4a16_linear_avx512_vnni", "avx512_vnni", p, i64, i64, p, i64, p, i64, p)
 
 
-def _simd_linear(x: torch.Tensor, packed: PackedW4, input_scale=None) -> torch.Tensor:
-    """float32 [M, N] from csrc/w4_linear.c; W4A8 when input_scale is given."""
+def _simd_linear(x: torch.Tensor, packed: PackedW4, input_scale=None, w4a8_kernel: str = "simd") -> torch.Tensor:
+    """float32 [M, N] from csrc/w4_linear.c; W4A8 when input_scale is given, by w4a8_kernel."""
     x2d = x.reshape(-1, packed.in_features)
     if x2d.dtype != torch.float32 or not x2d.is_contiguous():
         x2d = x2d.to(torch.float32).contiguous()
@@ -306,7 +316,8 @@ def _simd_linear(x: torch.Tensor, packed: PackedW4, input_scale=None) -> torch.T
         status = _simd_kernel_w4a16()(x2d.data_ptr(), rows, in_features, *weight, out.data_ptr())
     else:
         input_scale = input_scale.item() if isinstance(input_scale, torch.Tensor) else float(input_scale)
-        status = _simd_kernel_w4a8()(x2d.data_ptr(), rows, in_features, input_scale, *weight, out.data_ptr())
+        kernel = _simd_kernels_w4a8()[w4a8_kernel]
+        status = kernel(x2d.data_ptr(), rows, in_features, input_scale, *weight, out.data_ptr())
     if status != 0:
         raise MemoryError(f"w4_linear: no memory for the SIMD kernel's scratch copy of a [{rows}, {in_features}] input")
     return out
@@ -316,7 +327,9 @@ def cpu_candidates(x: torch.Tensor, packed: PackedW4, input_scale=None) -> dict[
     """The CPU kernels for x [..., K] on packed's layout, by name, each returning float32
     [M, N]: W4A8 when input_scale is given, else W4A16."""
     if packed.weight_blocks is not None:
-        return {"simd": lambda: _simd_linear(x, packed, input_scale)}
+        if input_scale is None:
+            return {"simd": lambda: _simd_linear(x, packed)}
+        return {name: functools.partial(_simd_linear, x, packed, input_scale, name) for name in _simd_kernels_w4a8()}
     if input_scale is None:
         return {"numba": lambda: _numba_linear(x, packed), "dequantized_mm": lambda: _dequantized_mm(x, packed)}
     return {

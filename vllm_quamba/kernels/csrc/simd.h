@@ -32,6 +32,33 @@ static inline __attribute__((target("avx512f,avx512bw"))) void quantize_int8_avx
     }
 }
 
+/* The tiles of both AMX kernels, every one 16 rows of 64 bytes: 0 .. AMX_OUTPUT_TILES - 1
+ * accumulate int32 sums, TILE_X holds x, and the weights alternate between TILE_W_EVEN and
+ * TILE_W_ODD so that a tile's load overlaps the product of the one before. */
+#define AMX_ROWS 16
+#define AMX_ROW_BYTES 64
+#define AMX_OUTPUT_TILES 4
+#define TILE_X 4
+#define TILE_W_EVEN 5
+#define TILE_W_ODD 6
+
+struct amx_tile_config {
+    uint8_t palette;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+};
+
+static inline AMX_INT8 void configure_amx_tiles(void) {
+    struct amx_tile_config config = {.palette = 1};
+    for (int tile = 0; tile <= TILE_W_ODD; tile++) {
+        config.rows[tile] = AMX_ROWS;
+        config.bytes_per_row[tile] = AMX_ROW_BYTES;
+    }
+    _tile_loadconfig(&config);
+}
+
 /* 1 when this CPU and OS run AVX512_VNNI functions. */
 int quamba_cpu_has_avx512_vnni(void);
 /* 1 when this CPU runs AMX_INT8 functions and the kernel granted this process the tile state. */

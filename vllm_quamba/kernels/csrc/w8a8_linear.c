@@ -130,33 +130,7 @@ AVX512_VNNI int quamba_w8a8_linear_avx512_vnni(const float *x, int64_t rows, int
 
 /* ------------------------------------------------------------------------------------- AMX */
 
-#define AMX_ROWS 16
-#define AMX_ROW_BYTES 64
-/* Output tiles (0..3) per pass: each tile of x, loaded once, serves 64 weight rows. */
-#define AMX_OUTPUT_TILES 4
 #define AMX_GROUP_ROWS (AMX_OUTPUT_TILES * AMX_ROWS)
-#define TILE_X 4
-#define TILE_W_EVEN 5 /* weight tiles alternate registers so that loads overlap the products */
-#define TILE_W_ODD 6
-
-struct tile_config {
-    uint8_t palette;
-    uint8_t start_row;
-    uint8_t reserved[14];
-    uint16_t bytes_per_row[16];
-    uint8_t rows[16];
-};
-
-static AMX_INT8 void configure_tiles(void) {
-    struct tile_config config;
-    memset(&config, 0, sizeof config);
-    config.palette = 1;
-    for (int tile = 0; tile <= TILE_W_ODD; tile++) {
-        config.rows[tile] = AMX_ROWS;
-        config.bytes_per_row[tile] = AMX_ROW_BYTES;
-    }
-    _tile_loadconfig(&config);
-}
 
 /* x_q int8 [rows, padded_k] (zeros past K and past the last row of x) -> per block of 16 rows,
  * the tiles' layout: row r of a k-chunk's tile holds, for each of the 16 rows m, the 4 bytes
@@ -236,7 +210,7 @@ AMX_INT8 int quamba_w8a8_linear_amx(const float *x, int64_t rows, int64_t cols_i
     const float inv_scale = 1.0f / input_scale;
     for (int64_t m = 0; m < rows; m++) quantize_int8_avx512(x + m * cols_in, cols_in, inv_scale, 0, x_q + m * padded_k);
     transpose_to_tiles((const int32_t *)x_q, row_blocks, quads, x_tiles);
-    configure_tiles();
+    configure_amx_tiles();
     int32_t sums[AMX_GROUP_ROWS][AMX_ROWS];
     float scales[AMX_GROUP_ROWS];
     for (int64_t n0 = 0; n0 < cols_out; n0 += AMX_GROUP_ROWS) {
