@@ -48,3 +48,10 @@ def function(name: str, feature: str, *argtypes) -> ctypes._CFuncPtr | None:
     kernel = getattr(library(), name)
     kernel.argtypes, kernel.restype = argtypes, ctypes.c_int
     return kernel
+
+
+def functions(argtypes: tuple, by_candidate: dict[str, tuple[str, str]]) -> dict[str, ctypes._CFuncPtr]:
+    """The C functions this CPU runs, by candidate name; ``by_candidate`` maps each name to
+    (C function, feature), all of one signature."""
+    found = {name: function(c_name, feature, *argtypes) for name, (c_name, feature) in by_candidate.items()}
+    return {name: kernel for name, kernel in found.items() if kernel is not None}

@@ -39,7 +39,7 @@ import torch
 
 from . import _simd
 from .measured_choice import run_fastest
-from .quant import quantize_int8
+from .quant import f32_contiguous, quantize_int8
 
 
 def _flat_scales(input_scale, weight_scale) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,11 +62,7 @@ def w8a8_linear_ref(x, weight, weight_scale, input_scale, bias=None, out_dtype=N
 
 
 def _f32_numpy(t: torch.Tensor):
-    """A float32 C-contiguous numpy view, copying only when dtype or layout differ (each torch
-    call costs about a microsecond, a sizeable share of a decode-sized linear)."""
-    if t.dtype != torch.float32 or not t.is_contiguous():
-        t = t.to(torch.float32).contiguous()
-    return t.numpy()
+    return f32_contiguous(t).numpy()
 
 
 def _numba_args(x2d, weight_scale, input_scale, bias):
@@ -104,23 +100,17 @@ def _int_mm_linear(x2d, weight, weight_scale, input_scale, bias) -> torch.Tensor
 def _simd_kernels() -> dict[str, Callable]:
     """csrc/w8a8_linear.c's kernels this CPU runs, by candidate name (AVX-512 VNNI, AMX)."""
     p, i64, f32 = _simd.POINTER, _simd.INT64, _simd.FLOAT
-    signature = (p, i64, i64, f32, p, i64, p, p, p)
-    kernels = {
-        "simd": _simd.function("quamba_w8a8_linear_avx512_vnni", "avx512_vnni", *signature),
-        "amx": _simd.function("quamba_w8a8_linear_amx", "amx_int8", *signature),
-    }
-    return {name: kernel for name, kernel in kernels.items() if kernel is not None}
-
-
-def _f32_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype == torch.float32 and t.is_contiguous() else t.to(torch.float32).contiguous()
+    return _simd.functions(
+        (p, i64, i64, f32, p, i64, p, p, p),
+        {"simd": ("quamba_w8a8_linear_avx512_vnni", "avx512_vnni"), "amx": ("quamba_w8a8_linear_amx", "amx_int8")},
+    )
 
 
 def _simd_linear(kernel, x2d, weight, weight_scale, input_scale, bias) -> torch.Tensor:
-    x = _f32_contiguous(x2d)
+    x = f32_contiguous(x2d)
     weight = weight.contiguous()
-    weight_scale = _f32_contiguous(weight_scale.reshape(-1))
-    bias = None if bias is None else _f32_contiguous(bias)
+    weight_scale = f32_contiguous(weight_scale.reshape(-1))
+    bias = None if bias is None else f32_contiguous(bias)
     input_scale = input_scale.item() if isinstance(input_scale, torch.Tensor) else float(input_scale)
     (rows, cols_in), cols_out = x.shape, weight.shape[0]
     out = torch.empty(rows, cols_out, dtype=torch.float32)

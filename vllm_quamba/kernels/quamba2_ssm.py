@@ -32,7 +32,7 @@ from . import _simd
 from .causal_conv1d import causal_conv1d_ref, causal_conv1d_update_ref
 from .gated_rmsnorm import gated_rmsnorm_ref
 from .hadamard import hadamard_base
-from .quant import dequantize_int8, quantize_int8
+from .quant import dequantize_int8, f32_contiguous, quantize_int8
 from .selective_state_update import mamba2_state_update_ref
 from .ssd_chunk_scan import ssd_chunk_scan_ref
 
@@ -328,9 +328,7 @@ def _slot_numbers(slots: torch.Tensor) -> np.ndarray:
 
 
 def _f32_rows(t: torch.Tensor) -> np.ndarray:
-    if t.dtype != torch.float32 or not t.is_contiguous():
-        t = t.to(torch.float32).contiguous()
-    return t.numpy()
+    return f32_contiguous(t).numpy()
 
 
 def _output(zxbcdt: torch.Tensor, p: Quamba2SSMParams, out: torch.Tensor | None) -> torch.Tensor:

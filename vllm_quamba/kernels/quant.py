@@ -1,4 +1,4 @@
-"""Symmetric int8 quantization.
+"""Symmetric int8 quantization (and f32_contiguous, the fp32 form the CPU kernels read).
 
     scale = max(amax / (2^(bits-1) - 1), eps)
     q     = clamp(round_half_to_even(x / scale), -128, 127)
@@ -47,3 +47,9 @@ def quantize_per_tensor_int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     """Symmetric int8 with one absmax scale: (int8 tensor, scale [1])."""
     scale = symmetric_scale(t.abs().amax()).reshape(1)
     return quantize_int8(t, scale), scale
+
+
+def f32_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """t as float32 and C-contiguous, copying only when dtype or layout differ (each torch call
+    costs about a microsecond, a sizeable share of a decode-sized kernel call)."""
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.to(torch.float32).contiguous()

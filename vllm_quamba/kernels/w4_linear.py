@@ -57,7 +57,7 @@ import torch
 
 from vllm_quamba.kernels import _simd
 from vllm_quamba.kernels.measured_choice import run_fastest
-from vllm_quamba.kernels.quant import quantize_int8
+from vllm_quamba.kernels.quant import f32_contiguous, quantize_int8
 
 try:
     import triton
@@ -289,12 +289,10 @@ def _int_mm_by_group(x: torch.Tensor, packed: PackedW4, input_scale) -> torch.Te
 def _simd_kernels_w4a8() -> dict[str, Callable]:
     """csrc/w4_linear.c's W4A8 kernels this CPU runs, by candidate name (AVX-512 VNNI, AMX)."""
     p, i64, f32 = _simd.POINTER, _simd.INT64, _simd.FLOAT
-    signature = (p, i64, i64, f32, p, i64, p, i64, p)
-    kernels = {
-        "simd": _simd.function("quamba_w4a8_linear_avx512_vnni", "avx512_vnni", *signature),
-        "amx": _simd.function("quamba_w4a8_linear_amx", "amx_int8", *signature),
-    }
-    return {name: kernel for name, kernel in kernels.items() if kernel is not None}
+    return _simd.functions(
+        (p, i64, i64, f32, p, i64, p, i64, p),
+        {"simd": ("quamba_w4a8_linear_avx512_vnni", "avx512_vnni"), "amx": ("quamba_w4a8_linear_amx", "amx_int8")},
+    )
 
 
 @functools.cache
@@ -306,9 +304,7 @@ def _simd_kernel_w4a16():
 
 def _simd_linear(x: torch.Tensor, packed: PackedW4, input_scale=None, w4a8_kernel: str = "simd") -> torch.Tensor:
     """float32 [M, N] from csrc/w4_linear.c; W4A8 when input_scale is given, by w4a8_kernel."""
-    x2d = x.reshape(-1, packed.in_features)
-    if x2d.dtype != torch.float32 or not x2d.is_contiguous():
-        x2d = x2d.to(torch.float32).contiguous()
+    x2d = f32_contiguous(x.reshape(-1, packed.in_features))
     rows, (out_features, in_features) = x2d.shape[0], (packed.out_features, packed.in_features)
     out = torch.empty(rows, out_features)
     weight = (packed.weight_blocks.data_ptr(), out_features, packed.weight_scale_t.data_ptr(), packed.group_size)
