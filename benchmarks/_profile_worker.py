@@ -49,7 +49,7 @@ CATEGORY_FUNCTIONS = {
     "ssm": [
         ("vllm/model_executor/layers/mamba/mamba_mixer2.py", "mamba_mixer2"),
         ("vllm/model_executor/layers/mamba/mamba_mixer2.py", "forward_native"),
-        ("vllm_quamba/kernels/hadamard.py", "hadamard_transform_ref"),
+        ("vllm_quamba/layers/cpu_ops.py", "hadamard_transform"),
     ],
     "residual norms": [("vllm/model_executor/layers/layernorm.py", "forward_native")],
 }

@@ -10,7 +10,7 @@ op beside its fp32 counterpart:
 - SSM decode step: the Quamba2 torch reference, the numba fast path, and stock vLLM-CPU's fp32
   conv and state-update kernels (``torch.ops._C``; without the gated RMSNorm that follows
   them, which the Quamba2 paths include, as they include the Hadamard rotation); the Hadamard
-  transform alone shows its share.
+  transform alone (torch reference and numba) shows its share.
 - SSM prefill of one prompt per sequence: the torch reference beside the numba path.
 - Linears (in_proj, out_proj; M rows): fp32 ``F.linear`` beside W8A8, W4A16 and W4A8.
 
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from vllm import _custom_ops as vllm_ops
 
 from vllm_quamba.format import W4_GROUP_SIZE, Mamba2Shapes
-from vllm_quamba.kernels.hadamard import hadamard_transform_ref
+from vllm_quamba.kernels.hadamard import hadamard_transform_cpu, hadamard_transform_ref
 from vllm_quamba.kernels.int8_linear import w8a8_linear_cpu
 from vllm_quamba.kernels.quamba2_ssm import (
     Quamba2SSMParams,
@@ -181,6 +181,13 @@ def test_decode_stock_fp32(benchmark, model, shape, params, batch):
 def test_hadamard_ref(benchmark, model, shape, batch):
     y = torch.randn(batch, shape.intermediate_size)
     _time(benchmark, _decode_group(model, batch), hadamard_transform_ref, y)
+
+
+@pytest.mark.parametrize("batch", [1, 16])
+def test_hadamard_cpu(benchmark, model, shape, batch):
+    """The numba transform that the recipes with an fp SSM (W4A16) run before out_proj."""
+    y = torch.randn(batch, shape.intermediate_size)
+    _time(benchmark, _decode_group(model, batch), hadamard_transform_cpu, y)
 
 
 @pytest.mark.parametrize("batch", [1, 4])

@@ -61,18 +61,20 @@ def test_greedy_matches_simulated_reference_on_the_same_context(served):
     check_same_context_agreement(want, prompts, tokens, logprobs, *TOLERANCES[recipe])
 
 
-def test_compiled_engine_serves_w4a8(quantized_tiny_w4a8):
-    """vLLM's default, torch.compile'd engine calls the 4-bit layers through the
-    vllm_quamba::w4_linear_cpu op on the layers' prepared weights (on AVX-512 VNNI CPUs the
-    checkpoint's words are freed after loading, so nothing else could serve them). Compiled
-    fp32 code may round differently from eager: W4A8's bars."""
+def test_compiled_engine_serves_w4ax(quantized_tiny_w4ax):
+    """vLLM's default, torch.compile'd engine, on the mixed recipe (W4A16 and W4A8 layers):
+    the 4-bit layers run through the vllm_quamba::w4_linear_cpu op on the layers' prepared
+    weights (on AVX-512 VNNI CPUs the checkpoint's words are freed after loading, so nothing
+    else could serve them) and the W4A16 layers' online Hadamard through the
+    vllm_quamba::hadamard_transform_cpu op (Dynamo cannot trace numba). Compiled fp32 code may
+    round differently from eager: W4AX's bars."""
     from transformers import AutoTokenizer
 
     from tests.served_agreement import NEW_TOKENS, heldout_prompts
     from tests.vllm_runner import greedy_in_subprocess
 
-    prompts = heldout_prompts(AutoTokenizer.from_pretrained(quantized_tiny_w4a8))
-    served = greedy_in_subprocess(quantized_tiny_w4a8, prompts, NEW_TOKENS, logprobs=5, enforce_eager=False)
+    prompts = heldout_prompts(AutoTokenizer.from_pretrained(quantized_tiny_w4ax))
+    served = greedy_in_subprocess(quantized_tiny_w4ax, prompts, NEW_TOKENS, logprobs=5, enforce_eager=False)
     tokens = [run["token_ids"] for run in served]
     logprobs = [[{int(k): v for k, v in step.items()} for step in run["logprobs"]] for run in served]
-    check_same_context_agreement(stepwise(simulated(quantized_tiny_w4a8)), prompts, tokens, logprobs, *TOLERANCES["w4a8"])
+    check_same_context_agreement(stepwise(simulated(quantized_tiny_w4ax)), prompts, tokens, logprobs, *TOLERANCES["w4ax"])

@@ -3,7 +3,12 @@ import math
 import pytest
 import torch
 
-from vllm_quamba.kernels.hadamard import hadamard_matrix, hadamard_transform_ref, is_supported_hadamard_size
+from vllm_quamba.kernels.hadamard import (
+    hadamard_matrix,
+    hadamard_transform_cpu,
+    hadamard_transform_ref,
+    is_supported_hadamard_size,
+)
 
 torch.set_num_threads(1)
 
@@ -106,3 +111,32 @@ def test_unsupported_sizes_raise(n):
     if n > 0:
         with pytest.raises(ValueError, match=r"12\*2\^k"):
             hadamard_transform_ref(torch.zeros(2, n))
+        with pytest.raises(ValueError, match=r"12\*2\^k"):
+            hadamard_transform_cpu(torch.zeros(2, n))
+
+
+# Every form, with blocks of 8 and up (the unrolled first passes) and below, up to mamba2-2.7b's
+# intermediate size 5120.
+CPU_SIZES = [1, 2, 4, 8, 12, 16, 20, 24, 28, 40, 48, 96, 160, 224, 1024, 1536, 2048, 5120]
+
+
+@pytest.mark.parametrize("n", CPU_SIZES)
+def test_cpu_transform_matches_reference(n):
+    x = torch.randn(5, n, generator=torch.Generator().manual_seed(n)) * 10
+    original = x.clone()
+    y = hadamard_transform_cpu(x)
+    # The same butterfly additions in the same order; only the base matrix's sums (m <= 40 terms)
+    # may round in another order than torch.matmul's: a few ulp of outputs ~|x| = 10, so 1e-5
+    # relative plus 1e-5 absolute (for outputs near zero).
+    torch.testing.assert_close(y, hadamard_transform_ref(x), rtol=1e-5, atol=1e-5)
+    if n in (1, 2, 4, 8, 16, 1024, 2048):  # no base matrix: bitwise the reference's additions
+        assert torch.equal(y, hadamard_transform_ref(x))
+    assert torch.equal(x, original), "the input must not be modified"
+
+
+def test_cpu_transform_keeps_dtype_and_leading_dims():
+    x = torch.randn(2, 3, 48, dtype=torch.bfloat16)
+    y = hadamard_transform_cpu(x)
+    assert y.shape == x.shape and y.dtype == torch.bfloat16
+    # Both compute in float32 and round once to bfloat16: equal within one bf16 ulp.
+    torch.testing.assert_close(y, hadamard_transform_ref(x), rtol=2**-7, atol=1e-2)

@@ -134,7 +134,13 @@ CANDIDATE_CASES = [
     (50, 256, 32, 1),
 ]
 SIMD_MISSING = pytest.mark.skipif(not _simd.cpu_has("avx512_vnni"), reason="no AVX-512 VNNI on this CPU")
-W4A16_KERNELS = ["numba", "dequantized_mm", pytest.param("simd", marks=SIMD_MISSING)]
+W4A16_KERNELS = [
+    "numba",
+    "dequantized_mm",
+    pytest.param("simd", marks=SIMD_MISSING),
+    pytest.param("dequantized_blocks_mm", marks=SIMD_MISSING),
+]
+SIMD_LAYOUT_KERNELS = ("simd", "amx", "dequantized_blocks_mm")
 AMX_MISSING = pytest.mark.skipif(not _simd.cpu_has("amx_int8"), reason="no AMX on this CPU")
 W4A8_KERNELS = [
     "numba",
@@ -145,8 +151,8 @@ W4A8_KERNELS = [
 
 
 def pack_for(kernel: str, packed, scale, group_size, shape):
-    """The layout the kernel reads: the SIMD one for "simd" and "amx", the checkpoint's words otherwise."""
-    return prepack_w4(packed, scale, group_size, shape, simd=kernel in ("simd", "amx"))
+    """The layout the kernel reads: the SIMD one for SIMD_LAYOUT_KERNELS, the checkpoint's words otherwise."""
+    return prepack_w4(packed, scale, group_size, shape, simd=kernel in SIMD_LAYOUT_KERNELS)
 
 
 def run_kernel(name, x, packed, input_scale=None) -> torch.Tensor:
@@ -190,7 +196,7 @@ def test_the_default_layout_is_the_simd_one_alone_where_the_cpu_runs_it():
     x = torch.randn(1, 64)
     simd = _simd.cpu_has("avx512_vnni")
     assert (w4.weight_blocks is not None, w4.weight_bytes is None) == (simd, simd)
-    expected = ["simd"] if simd else ["numba", "dequantized_mm"]
+    expected = ["simd", "dequantized_blocks_mm"] if simd else ["numba", "dequantized_mm"]
     assert list(cpu_candidates(x, w4)) == expected
     w4a8_expected = ["simd", "amx"] if _simd.cpu_has("amx_int8") else ["simd"]
     assert (list(cpu_candidates(x, w4, 0.1)) == w4a8_expected) == simd
@@ -209,6 +215,20 @@ def test_simd_kernels_take_an_empty_batch():
     w4 = prepack_w4(packed, scale, 32, (40, 64), simd=True)
     x = torch.randn(0, 64)
     assert run_kernel("simd", x, w4).shape == (0, 40) and run_kernel("simd", x, w4, 0.1).shape == (0, 40)
+    assert run_kernel("dequantized_blocks_mm", x, w4).shape == (0, 40)
+
+
+@SIMD_MISSING
+@pytest.mark.parametrize("tile_bytes", [1 << 30, 2 * 4 * 16 * 100])  # one tile; tiles of 2 blocks
+def test_dequantized_blocks_are_the_reference_weight_bitwise(monkeypatch, tile_bytes):
+    """x = I gives W.T exactly (each output is one product plus zeros): the C dequantization
+    rounds q * scale once, as the reference does, in every tile, the last one partial (N = 100
+    is 6 full blocks and 4 rows; K = 100 ends mid-word)."""
+    monkeypatch.setattr(w4_linear, "DEQUANTIZED_TILE_BYTES", tile_bytes)
+    _, packed, scale = make_weight(100, 100, 32, seed=7)
+    w4 = prepack_w4(packed, scale, 32, (100, 100), simd=True)
+    weight = dequantize_w4_ref(packed, scale, 32, (100, 100))
+    assert torch.equal(run_kernel("dequantized_blocks_mm", torch.eye(100), w4), weight.t())
 
 
 @AMX_MISSING

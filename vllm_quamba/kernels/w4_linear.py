@@ -26,7 +26,11 @@ API (each op has the same four entry points):
     streamed 4-bit weights at 8-13 GB/s at batch 1 (2-2.5x the numba kernel; the call overhead
     weighs on small layers), and at 16 rows ran the mamba2-130m linears 5-10x (W4A8) and
     2.5-4x (W4A16) faster than fp32 F.linear, faster than the kernels below at every shape
-    measured (1 to 64 rows), so they run alone: the words are kept in their layout only.
+    measured (1 to 64 rows), so they replace them: the words are kept in their layout only.
+    For prefill, W4A16 has a second candidate on the same layout: a C function dequantizes
+    W.T, a tile of blocks at a time, for torch.mm (at 512 and 2048 rows of mamba2-130m's
+    in_proj and out_proj: 0.90-0.96x as fast as fp32 F.linear, against 0.6-0.8x for the FMA
+    kernel; at a few rows it loses by far, and measured_choice leaves it out there).
     On CPUs with AMX, W4A8 has a second C kernel on the same layout, and measured_choice picks
     between the two per call shape: tdpbssd multiplies tiles of the unpacked nibbles by 16 rows
     of x at a time. Where the VNNI kernel is compute-bound (16 rows and up) it measured 1.7-2.5x
@@ -72,6 +76,9 @@ X_PASS_BYTES = 256 * 1024
 LIBRARY_TILE_BYTES = 1 << 20
 # Output rows per block of the SIMD kernels' weight layout: one int32 lane each in a zmm register.
 SIMD_BLOCK_ROWS = 16
+# W.T columns dequantized per torch.mm of _dequantized_blocks_mm: all of a mamba2 in_proj up to
+# d_model 1024 (it then costs one GEMM, as F.linear), a slice of an lm_head.
+DEQUANTIZED_TILE_BYTES = 16 << 20
 
 
 def _check_layout(weight_packed: torch.Tensor, weight_scale: torch.Tensor, group_size: int, weight_shape) -> tuple[int, int]:
@@ -319,12 +326,41 @@ def _simd_linear(x: torch.Tensor, packed: PackedW4, input_scale=None, w4a8_kerne
     return out
 
 
+@functools.cache
+def _simd_dequantize_t():
+    """csrc/w4_linear.c's dequantization of the blocks into W.T, or None without AVX-512 VNNI."""
+    p, i64 = _simd.POINTER, _simd.INT64
+    return _simd.function("quamba_w4_dequantize_t_avx512", "avx512_vnni", p, i64, i64, p, i64, i64, i64, p, i64)
+
+
+def _dequantized_blocks_mm(x: torch.Tensor, packed: PackedW4) -> torch.Tensor:
+    """W4A16 by torch.mm on W.T dequantized from the blocks, a tile of 16-row blocks at a
+    time: float32 [M, N]. For many rows of x (prefill), where the C kernel's FMA loop ran
+    0.8-0.9x as fast as the GEMM library's fp32 F.linear."""
+    x2d = f32_contiguous(x.reshape(-1, packed.in_features))
+    in_features, out_features = packed.in_features, packed.out_features
+    num_blocks = packed.weight_blocks.shape[0]
+    tile_blocks = min(num_blocks, max(1, DEQUANTIZED_TILE_BYTES // (4 * in_features * SIMD_BLOCK_ROWS)))
+    weight_t = torch.empty(in_features, tile_blocks * SIMD_BLOCK_ROWS)
+    out = torch.empty(x2d.shape[0], out_features)
+    dequantize = _simd_dequantize_t()
+    for b0 in range(0, num_blocks, tile_blocks):
+        nb = min(tile_blocks, num_blocks - b0)
+        dequantize(
+            packed.weight_blocks.data_ptr(), in_features, out_features, packed.weight_scale_t.data_ptr(),
+            packed.group_size, b0, nb, weight_t.data_ptr(), weight_t.shape[1],
+        )  # fmt: skip
+        n0, n1 = b0 * SIMD_BLOCK_ROWS, min(out_features, (b0 + nb) * SIMD_BLOCK_ROWS)
+        torch.mm(x2d, weight_t[:, : n1 - n0], out=out[:, n0:n1])
+    return out
+
+
 def cpu_candidates(x: torch.Tensor, packed: PackedW4, input_scale=None) -> dict[str, Callable[[], torch.Tensor]]:
     """The CPU kernels for x [..., K] on packed's layout, by name, each returning float32
     [M, N]: W4A8 when input_scale is given, else W4A16."""
     if packed.weight_blocks is not None:
         if input_scale is None:
-            return {"simd": lambda: _simd_linear(x, packed)}
+            return {"simd": lambda: _simd_linear(x, packed), "dequantized_blocks_mm": lambda: _dequantized_blocks_mm(x, packed)}
         return {name: functools.partial(_simd_linear, x, packed, input_scale, name) for name in _simd_kernels_w4a8()}
     if input_scale is None:
         return {"numba": lambda: _numba_linear(x, packed), "dequantized_mm": lambda: _dequantized_mm(x, packed)}

@@ -34,56 +34,13 @@ from vllm.model_executor.parameter import (
 )
 from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
-from ..kernels.int8_linear import w8a8_linear, w8a8_linear_cpu
-from ..kernels.w4_linear import (
-    PackedW4,
-    prepack_w4,
-    w4a8_linear,
-    w4a8_linear_cpu,
-    w4a16_linear,
-    w4a16_linear_cpu,
-)
+from . import cpu_ops
+from ..kernels.w4_linear import prepack_w4, w4a8_linear, w4a16_linear
 
 W4_PACK_FACTOR = 8  # 4-bit values per int32 word of weight_packed
 
 
-# The kernels are opaque custom ops for torch.compile (vLLM compiles the model by default):
-# Dynamo cannot trace into numba or ctypes calls. Eager CPU calls skip the op and go straight
-# to the kernel with what process_weights_after_loading prepared: the op's dispatch alone cost
-# 20-25 us a call (out_proj at batch 1 on the Xeon VM: 105 us through the op, 85 us direct),
-# ~1 ms of a decode step's 49 linears. The 4-bit CPU op takes the prepared PackedW4's tensors;
-# ``vllm_quamba::w4_linear`` (the checkpoint's tensors) serves CUDA.
-def _eager_cpu(x: torch.Tensor) -> bool:
-    return x.is_cpu and not torch.compiler.is_compiling()
-
-
-@torch.library.custom_op("vllm_quamba::w8a8_linear", mutates_args=())
-def w8a8_linear_op(
-    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-    input_scale: torch.Tensor, bias: torch.Tensor | None,
-) -> torch.Tensor:
-    return w8a8_linear(x, weight, weight_scale, input_scale, bias)
-
-
-@torch.library.custom_op("vllm_quamba::w4_linear_cpu", mutates_args=())
-def w4_linear_cpu_op(
-    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, weight_scale_t: torch.Tensor,
-    group_size: int, out_features: int, in_features: int, input_scale: float | None,
-    bias: torch.Tensor | None,
-) -> torch.Tensor:
-    """The CPU kernels on the layer's PackedW4 (its tensors: the op cannot take the object)."""
-    packed = PackedW4.from_tensors(weight, weight_scale, weight_scale_t, group_size, out_features, in_features)
-    if input_scale is not None:
-        return w4a8_linear_cpu(x, packed, input_scale, bias)
-    return w4a16_linear_cpu(x, packed, bias)
-
-
-@w4_linear_cpu_op.register_fake
-def _w4_cpu_output(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, weight_scale_t: torch.Tensor,
-                   group_size: int, out_features: int, *args) -> torch.Tensor:  # fmt: skip
-    return x.new_empty((*x.shape[:-1], out_features))
-
-
+# The CUDA path's 4-bit op (the checkpoint's tensors; the CPU ops are in cpu_ops).
 @torch.library.custom_op("vllm_quamba::w4_linear", mutates_args=())
 def w4_linear_op(
     x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch.Tensor,
@@ -96,7 +53,6 @@ def w4_linear_op(
     return w4a16_linear(*args, bias)
 
 
-@w8a8_linear_op.register_fake
 @w4_linear_op.register_fake
 def _linear_output(x: torch.Tensor, weight: torch.Tensor, *args) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
@@ -114,7 +70,7 @@ class QuambaW8A8Int8(CompressedTensorsW8A8Int8):
             return super().process_weights_after_loading(layer)
         layer.weight_scale.data = layer.weight_scale.data.reshape(-1).contiguous()
         layer.weight.data = layer.weight.data.contiguous()
-        # Plain tensors and the scale as a float (an fp32 value) for the eager CPU path.
+        # Plain tensors and the scale as a float (an fp32 value) for the CPU path (cpu_ops).
         layer.quamba_cpu_args = (layer.weight.data, layer.weight_scale.data, float(layer.input_scale))
 
     def apply_weights(
@@ -122,9 +78,7 @@ class QuambaW8A8Int8(CompressedTensorsW8A8Int8):
     ) -> torch.Tensor:
         if x.is_cuda:
             return super().apply_weights(layer, x, bias)
-        if _eager_cpu(x):
-            return w8a8_linear_cpu(x, *layer.quamba_cpu_args, bias)
-        return w8a8_linear_op(x, layer.weight, layer.weight_scale, layer.input_scale, bias)
+        return cpu_ops.w8a8_linear(layer, x, bias)
 
 
 class QuambaW4Linear(CompressedTensorsScheme):
@@ -190,16 +144,8 @@ class QuambaW4Linear(CompressedTensorsScheme):
     def apply_weights(
         self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
-        if _eager_cpu(x):
-            if self.static_int8_input:
-                return w4a8_linear_cpu(x, layer.quamba_packed, layer.quamba_input_scale, bias)
-            return w4a16_linear_cpu(x, layer.quamba_packed, bias)
         if x.is_cpu:
-            packed = layer.quamba_packed
-            return w4_linear_cpu_op(
-                x, *packed.tensors(), packed.group_size, packed.out_features, packed.in_features,
-                layer.quamba_input_scale, bias,
-            )  # fmt: skip
+            return cpu_ops.w4_linear(layer, x, bias)
         input_scale = layer.input_scale if self.static_int8_input else None
         return w4_linear_op(
             x, layer.weight_packed, layer.weight_scale, layer.weight_shape, self.group_size,

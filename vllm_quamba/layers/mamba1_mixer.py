@@ -46,7 +46,7 @@ from ..format import (
     mamba1_ssm_params,
     online_hadamard,
 )
-from ..kernels.hadamard import hadamard_transform_ref
+from .cpu_ops import hadamard_transform
 from .checkpoint_tensors import CheckpointTensorsMixin, TensorHolder
 from ..kernels.quamba_ssm import (
     QuambaSSMParams,
@@ -183,7 +183,7 @@ class QuambaMixer(CheckpointTensorsMixin, MambaMixer):
         transposed view whenever the batch holds a prefill; the CPU linear needs stride 1), then
         the online Hadamard when the checkpoint has it (its transpose is fused into the weight)."""
         y = args[0].contiguous()
-        return (hadamard_transform_ref(y) if self.online_hadamard else y, *args[1:])
+        return (hadamard_transform(y) if self.online_hadamard else y, *args[1:])
 
     def format_tensors(self):
         """Name -> (shape, dtype) of every checkpoint tensor of this mixer (format.py's table)."""
@@ -273,7 +273,7 @@ class QuambaMixer(CheckpointTensorsMixin, MambaMixer):
             ssm_cache[slot] = ssm_new
 
         if self.online_hadamard:
-            y = hadamard_transform_ref(y)
+            y = hadamard_transform(y)
         output[:num_tokens] = self.out_proj(y.to(hidden_states.dtype))[0]
 
 

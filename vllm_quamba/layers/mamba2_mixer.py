@@ -39,7 +39,7 @@ from ..format import (
     mamba2_mixer_tensors,
     online_hadamard,
 )
-from ..kernels.hadamard import hadamard_transform_ref
+from .cpu_ops import hadamard_transform
 from .checkpoint_tensors import CheckpointTensorsMixin, TensorHolder
 from ..kernels.quamba2_ssm import (
     Quamba2SSMParams,
@@ -55,7 +55,6 @@ from ..kernels.quamba2_ssm import (
 _HOLDER_MODULES = ("conv1d", "norm")
 
 
-
 def quamba_mixer_ssm_tensors(shapes: Mamba2Shapes) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """The format table's mixer tensors that the mixer owns (all but in_proj/out_proj)."""
     return {
@@ -65,12 +64,8 @@ def quamba_mixer_ssm_tensors(shapes: Mamba2Shapes) -> dict[str, tuple[tuple[int,
     }
 
 
-
-
-
-
 def _hadamard_input(module: torch.nn.Module, args: tuple) -> tuple:
-    return (hadamard_transform_ref(args[0]), *args[1:])
+    return (hadamard_transform(args[0]), *args[1:])
 
 
 class QuambaMixer2(CheckpointTensorsMixin, MambaMixer2):
@@ -231,7 +226,7 @@ class QuambaMixer2(CheckpointTensorsMixin, MambaMixer2):
         )
         # The CPU kernels end with the Hadamard transform themselves (see conv_ssm_forward).
         if self.online_hadamard and not ssm_output.is_cpu:
-            ssm_output = hadamard_transform_ref(ssm_output)
+            ssm_output = hadamard_transform(ssm_output)
         output, _ = self.out_proj(ssm_output)
         return output
 

@@ -548,3 +548,33 @@ AVX512_VNNI int quamba_w4a16_linear_avx512_vnni(const float *x, int64_t rows, in
     free(x_padded);
     return status;
 }
+
+/* --------------------------------------------------------------------------------------------
+ * W4A16 through the GEMM library: W.T dequantized for torch.mm (w4_linear._dequantized_blocks_mm) */
+
+/* weight_t[k * ld + 16 * (b - b0) + r] = q[n, k] * scale[n, k / G] for n = 16 b + r, every k < cols_in
+ * and the blocks b0 .. b0 + nb: the columns of W.T for those rows, each product rounded once to
+ * fp32 as the reference's dequantization rounds it (rows past N come out zero: their scales load
+ * as zero). One 64-byte store per k and block. Returns 0 (an int, as every kernel of the library). */
+AVX512_VNNI int quamba_w4_dequantize_t_avx512(const uint32_t *blocks, int64_t cols_in, int64_t cols_out,
+                                               const float *scale_t, int64_t group_size, int64_t b0, int64_t nb,
+                                               float *weight_t, int64_t ld) {
+    const __m512 q_of_nibble = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    const int64_t words = words_per_row(cols_in), group_words = group_size / K_PER_WORD;
+    const int64_t groups = (cols_in + group_size - 1) / group_size;
+    for (int64_t b = b0; b < b0 + nb; b++) {
+        float *column = weight_t + (b - b0) * ROWS_PER_BLOCK;
+        for (int64_t g = 0; g < groups; g++) {
+            const __m512 scale = _mm512_maskz_loadu_ps(row_mask(cols_out, b), scale_t + g * cols_out + b * ROWS_PER_BLOCK);
+            for (int64_t w = g * group_words; w < group_end(g, group_words, words); w++) {
+                const __m512i v = _mm512_loadu_si512(blocks + (b * words + w) * ROWS_PER_BLOCK);
+                const int64_t k0 = w * K_PER_WORD, count = cols_in - k0 < K_PER_WORD ? cols_in - k0 : K_PER_WORD;
+                for (int64_t j = 0; j < count; j++) {
+                    const __m512 q = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4 * (int)j), q_of_nibble);
+                    _mm512_storeu_ps(column + (k0 + j) * ld, _mm512_mul_ps(q, scale));
+                }
+            }
+        }
+    }
+    return 0;
+}
