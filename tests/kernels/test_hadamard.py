@@ -116,8 +116,9 @@ def test_unsupported_sizes_raise(n):
 
 
 # Every form, with blocks of 8 and up (the unrolled first passes) and below, up to mamba2-2.7b's
-# intermediate size 5120.
-CPU_SIZES = [1, 2, 4, 8, 12, 16, 20, 24, 28, 40, 48, 96, 160, 224, 1024, 1536, 2048, 5120]
+# intermediate size 5120. The Quamba2 SSM kernels' fused epilogue runs the same row transform
+# (_hadamard_numba.hadamard_row).
+CPU_SIZES = [1, 2, 4, 8, 12, 16, 20, 24, 28, 40, 48, 64, 96, 160, 224, 320, 448, 1024, 1536, 2048, 5120]
 
 
 @pytest.mark.parametrize("n", CPU_SIZES)

@@ -275,18 +275,3 @@ def test_simd_state_update_equals_numba(num_heads, head_dim, state_size, n_group
 
     assert torch.equal(ssm, ssm_numba)
     np.testing.assert_allclose(y, y_numba, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("size", [4, 48, 64, 320, 448, 1536])
-def test_fused_hadamard_matches_reference(size):
-    """The kernels' in-place Hadamard pass (with and without its 8-value first passes) on its
-    own. Its butterflies add in the reference's order; only the base-matrix sums may be
-    ordered differently: fp32 rounding of sums of at most 40 terms, rtol = atol = 1e-5."""
-    from vllm_quamba.kernels import _quamba2_ssm_numba
-    from vllm_quamba.kernels.hadamard import hadamard_base
-
-    x = torch.randn(size, generator=torch.Generator().manual_seed(6))
-    row = x.numpy().copy()
-    base = hadamard_base(size).float().numpy()
-    _quamba2_ssm_numba._hadamard(row, base, np.float32(size**-0.5), np.empty(size, dtype=np.float32))
-    torch.testing.assert_close(torch.from_numpy(row), hadamard_transform_ref(x), rtol=1e-5, atol=1e-5)
