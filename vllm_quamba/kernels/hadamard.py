@@ -179,9 +179,10 @@ def hadamard_transform_ref(x: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _numba_constants(n: int) -> tuple[np.ndarray, np.float32]:
-    """The fp32 base matrix and 1 / sqrt(n) of size n for the numba kernel."""
-    return _base_matrix(_base_order(n)).to(torch.float32).numpy(), np.float32(1.0 / math.sqrt(n))
+def hadamard_numba_constants(n: int) -> tuple[np.ndarray, np.float32]:
+    """The fp32 base matrix and 1 / sqrt(n) of size n, as the numba row transform takes them
+    (``_hadamard_numba.hadamard_row``: here and in the Quamba2 SSM kernels). Read only: shared."""
+    return hadamard_base(n).to(torch.float32).numpy(), np.float32(1.0 / math.sqrt(n))
 
 
 def hadamard_transform_cpu(x: torch.Tensor) -> torch.Tensor:
@@ -189,7 +190,7 @@ def hadamard_transform_cpu(x: torch.Tensor) -> torch.Tensor:
     from ._hadamard_numba import hadamard_rows  # numba compiles on first use
 
     n = x.shape[-1]
-    base, scale = _numba_constants(n)  # raises the reference's error for unsupported sizes
+    base, scale = hadamard_numba_constants(n)  # raises the reference's error for unsupported sizes
     rows = x.reshape(-1, n).to(torch.float32, copy=True).contiguous()
     hadamard_rows(rows.numpy(), base, scale)
     return rows.reshape(x.shape).to(x.dtype)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import math
 from typing import NamedTuple
 
 import numpy as np
@@ -31,7 +30,7 @@ import torch
 from . import _simd
 from .causal_conv1d import causal_conv1d_ref, causal_conv1d_update_ref
 from .gated_rmsnorm import gated_rmsnorm_ref
-from .hadamard import hadamard_base
+from .hadamard import hadamard_numba_constants
 from .quant import dequantize_int8, f32_contiguous, quantize_int8
 from .selective_state_update import mamba2_state_update_ref
 from .ssd_chunk_scan import ssd_chunk_scan_ref
@@ -250,6 +249,7 @@ def _cpu_weights(p: Quamba2SSMParams) -> Quamba2CpuWeights:
     table, row_index = torch.unique(rows, dim=0, return_inverse=True)
     z_scale, z_inv = _scalar_pair(p.z_scale)
     dt_scale, dt_inv = _scalar_pair(p.dt_scale)
+    hadamard_base, hadamard_scale = hadamard_numba_constants(p.intermediate_size)
     return Quamba2CpuWeights(
         xbc_in_scale=_numpy_f32(p.xbc_in_scale),
         xbc_in_inv=_numpy_f32(p.xbc_in_scale.to(torch.float32).reciprocal()),
@@ -266,8 +266,8 @@ def _cpu_weights(p: Quamba2SSMParams) -> Quamba2CpuWeights:
         state_scale_row=row_index.to(torch.int64).contiguous().numpy(),
         state_scale_table=_numpy_f32(table),
         state_inv_table=_numpy_f32(table.reciprocal()),
-        hadamard_base=_numpy_f32(hadamard_base(p.intermediate_size)),
-        hadamard_scale=np.float32(1.0 / math.sqrt(p.intermediate_size)),
+        hadamard_base=hadamard_base,
+        hadamard_scale=hadamard_scale,
         rotate=False,
         num_heads=p.num_heads, head_dim=p.head_dim, state_size=p.state_size, n_groups=p.n_groups,
     )  # fmt: skip

@@ -76,8 +76,8 @@ X_PASS_BYTES = 256 * 1024
 LIBRARY_TILE_BYTES = 1 << 20
 # Output rows per block of the SIMD kernels' weight layout: one int32 lane each in a zmm register.
 SIMD_BLOCK_ROWS = 16
-# W.T columns dequantized per torch.mm of _dequantized_blocks_mm: all of a mamba2 in_proj up to
-# d_model 1024 (it then costs one GEMM, as F.linear), a slice of an lm_head.
+# W.T columns dequantized per torch.mm of _dequantized_blocks_mm: all of mamba2-130m's in_proj
+# (10 MB; it then costs one GEMM, as F.linear), two tiles of mamba2-370m's, a slice of an lm_head.
 DEQUANTIZED_TILE_BYTES = 16 << 20
 
 

@@ -36,6 +36,12 @@ def _w8a8_output(x: torch.Tensor, weight: torch.Tensor, *args) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+def _w4_cpu(x: torch.Tensor, packed: PackedW4, input_scale: float | None, bias: torch.Tensor | None) -> torch.Tensor:
+    if input_scale is not None:
+        return w4a8_linear_cpu(x, packed, input_scale, bias)
+    return w4a16_linear_cpu(x, packed, bias)
+
+
 def _w4_linear(
     x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, weight_scale_t: torch.Tensor,
     group_size: int, out_features: int, in_features: int, input_scale: float | None,
@@ -43,17 +49,11 @@ def _w4_linear(
 ) -> torch.Tensor:  # fmt: skip
     """The 4-bit kernels on a layer's PackedW4, given as its tensors (an op cannot take the object)."""
     packed = PackedW4.from_tensors(weight, weight_scale, weight_scale_t, group_size, out_features, in_features)
-    if input_scale is not None:
-        return w4a8_linear_cpu(x, packed, input_scale, bias)
-    return w4a16_linear_cpu(x, packed, bias)
+    return _w4_cpu(x, packed, input_scale, bias)
 
 
 def _w4_output(x: torch.Tensor, weight, weight_scale, weight_scale_t, group_size, out_features, *args) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], out_features))
-
-
-def _hadamard(x: torch.Tensor) -> torch.Tensor:
-    return hadamard_transform_cpu(x)
 
 
 def _same_shape(x: torch.Tensor) -> torch.Tensor:
@@ -63,7 +63,7 @@ def _same_shape(x: torch.Tensor) -> torch.Tensor:
 for _name, _impl, _fake in (
     ("w8a8_linear_cpu", _w8a8_linear, _w8a8_output),
     ("w4_linear_cpu", _w4_linear, _w4_output),
-    ("hadamard_transform_cpu", _hadamard, _same_shape),
+    ("hadamard_transform_cpu", hadamard_transform_cpu, _same_shape),
 ):
     direct_register_custom_op(_name, _impl, fake_impl=_fake, target_lib=_LIBRARY, dispatch_key="CPU")
 
@@ -79,9 +79,7 @@ def w4_linear(layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None
     """A QuambaW4Linear layer's CPU forward on its prepared ``quamba_packed``."""
     packed, input_scale = layer.quamba_packed, layer.quamba_input_scale
     if eager_cpu(x):
-        if input_scale is not None:
-            return w4a8_linear_cpu(x, packed, input_scale, bias)
-        return w4a16_linear_cpu(x, packed, bias)
+        return _w4_cpu(x, packed, input_scale, bias)
     return torch.ops.vllm_quamba.w4_linear_cpu(
         x, *packed.tensors(), packed.group_size, packed.out_features, packed.in_features, input_scale, bias
     )
