@@ -25,6 +25,7 @@ def simd_extensions() -> list[Extension]:
             depends=sorted(str(p) for p in CSRC.glob("*.h")),
             # No FMA contraction: the epilogues must round as the torch references do.
             extra_compile_args=["-O3", "-std=c11", "-ffp-contract=off", "-Wall"],
+            libraries=["m"],  # expf, log1pf: the same libm functions numba calls
             optional=True,
         )
     ]

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from vllm_quamba.kernels import hadamard
 from vllm_quamba.kernels.hadamard import (
     hadamard_matrix,
     hadamard_transform_cpu,
@@ -115,14 +116,25 @@ def test_unsupported_sizes_raise(n):
             hadamard_transform_cpu(torch.zeros(2, n))
 
 
-# Every form, with blocks of 8 and up (the unrolled first passes) and below, up to mamba2-2.7b's
-# intermediate size 5120. The Quamba2 SSM kernels' fused epilogue runs the same row transform
-# (_hadamard_numba.hadamard_row).
+# Every form, with blocks of 8 and up (the unrolled first passes) and below, blocks of 16 and up
+# (the C kernel's in-register passes), up to mamba2-2.7b's intermediate size 5120. The Quamba2
+# SSM kernels' fused epilogues run the same row transforms.
 CPU_SIZES = [1, 2, 4, 8, 12, 16, 20, 24, 28, 40, 48, 64, 96, 160, 224, 320, 448, 1024, 1536, 2048, 5120]
 
 
+@pytest.fixture(params=["simd", "numba"])
+def cpu_kernel(request, monkeypatch):
+    """Which row transform hadamard_transform_cpu runs: the C kernel, or numba's (its fallback,
+    forced by hiding the C kernel)."""
+    if request.param == "numba":
+        monkeypatch.setattr(hadamard, "_simd_rows", lambda: None)
+    elif hadamard._simd_rows() is None:
+        pytest.skip("no AVX-512 on this CPU (or the C kernels are not built)")
+    return request.param
+
+
 @pytest.mark.parametrize("n", CPU_SIZES)
-def test_cpu_transform_matches_reference(n):
+def test_cpu_transform_matches_reference(n, cpu_kernel):
     x = torch.randn(5, n, generator=torch.Generator().manual_seed(n)) * 10
     original = x.clone()
     y = hadamard_transform_cpu(x)
@@ -135,7 +147,18 @@ def test_cpu_transform_matches_reference(n):
     assert torch.equal(x, original), "the input must not be modified"
 
 
-def test_cpu_transform_keeps_dtype_and_leading_dims():
+@pytest.mark.parametrize("n", CPU_SIZES)
+def test_simd_transform_equals_numba(n, monkeypatch):
+    """The C kernel makes numba's additions in the same order: bitwise equal, base matrix too."""
+    if hadamard._simd_rows() is None:
+        pytest.skip("no AVX-512 on this CPU (or the C kernels are not built)")
+    x = torch.randn(3, n, generator=torch.Generator().manual_seed(n)) * 10
+    y = hadamard_transform_cpu(x)
+    monkeypatch.setattr(hadamard, "_simd_rows", lambda: None)
+    assert torch.equal(y, hadamard_transform_cpu(x))
+
+
+def test_cpu_transform_keeps_dtype_and_leading_dims(cpu_kernel):
     x = torch.randn(2, 3, 48, dtype=torch.bfloat16)
     y = hadamard_transform_cpu(x)
     assert y.shape == x.shape and y.dtype == torch.bfloat16

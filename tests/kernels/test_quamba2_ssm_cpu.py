@@ -1,6 +1,6 @@
-"""The CPU fast paths of the Quamba2 SSM (numba, and the C state update of the decode where
-the CPU has AVX-512 VNNI) against the torch references. The decode tests run both state
-updates: the C kernel (skipped on CPUs without it) and numba's, its fallback.
+"""The CPU fast paths of the Quamba2 SSM (numba, and the C decode step where the CPU has
+AVX-512 VNNI) against the torch references. The decode tests run both decodes: the C kernel
+(skipped on CPUs without it) and numba's, its fallback.
 
 Tolerances. The fast path quantizes at the same points with the same fp32 scales and
 reciprocals, but sums in another order (the conv taps, y = state . C, the chunked scan vs the
@@ -16,7 +16,6 @@ ulp. So:
   the outputs may miss the tolerance.
 """
 
-import numpy as np
 import pytest
 import torch
 
@@ -24,7 +23,6 @@ from vllm_quamba.kernels import quamba2_ssm
 from vllm_quamba.kernels.hadamard import hadamard_transform_ref
 from vllm_quamba.kernels.quamba2_ssm import (
     Quamba2SSMParams,
-    cpu_weights,
     quamba2_ssm_decode_cpu,
     quamba2_ssm_decode_ref,
     quamba2_ssm_prefill_cpu,
@@ -79,12 +77,12 @@ def _params(
 
 
 @pytest.fixture(params=["simd", "numba"])
-def state_update(request, monkeypatch):
-    """Which state update the decode runs: the C kernel, or numba's (its fallback, forced by
-    hiding the C kernel)."""
+def decode(request, monkeypatch):
+    """Which decode runs: the C kernel, or numba's (its fallback, forced by hiding the C
+    kernel)."""
     if request.param == "numba":
-        monkeypatch.setattr(quamba2_ssm, "_simd_state_update", lambda: None)
-    elif quamba2_ssm._simd_state_update() is None:
+        monkeypatch.setattr(quamba2_ssm, "_simd_decode", lambda: None)
+    elif quamba2_ssm._simd_decode() is None:
         pytest.skip("no AVX-512 VNNI on this CPU (or the C kernels are not built)")
     return request.param
 
@@ -116,7 +114,7 @@ def _projected(g: torch.Generator, tokens: int, gain: float = 1.0) -> torch.Tens
 
 @pytest.mark.parametrize("rotate", [False, True])
 @pytest.mark.parametrize("gain", [1.0, 30.0], ids=["typical", "saturating"])
-def test_decode_matches_reference(rotate, gain, state_update):
+def test_decode_matches_reference(rotate, gain, decode):
     g = torch.Generator().manual_seed(1)
     p = _params(g)
     conv, ssm = _caches(g)
@@ -135,7 +133,7 @@ def test_decode_matches_reference(rotate, gain, state_update):
     assert torch.equal(ssm[untouched], ssm_before[untouched])
 
 
-def test_decode_reads_strided_cache_views(state_update):
+def test_decode_reads_strided_cache_views(decode):
     """vLLM's caches are views into shared pages (conv possibly transposed, "DS" layout)."""
     g = torch.Generator().manual_seed(2)
     p = _params(g)
@@ -192,7 +190,7 @@ def test_prefill_of_a_mixed_batch_matches_reference(rotate, gain):
     _assert_int8_close(ssm, ssm_ref)
 
 
-def test_chunked_prefill_continues_from_the_cached_states(state_update):
+def test_chunked_prefill_continues_from_the_cached_states(decode):
     """A prompt split over two steps (vLLM's chunked prefill), then a decode step."""
     g = torch.Generator().manual_seed(4)
     p = _params(g, chunk_size=4)
@@ -213,7 +211,7 @@ def test_chunked_prefill_continues_from_the_cached_states(state_update):
     _assert_mostly_close(out, y_ref)
 
 
-def test_decode_equals_one_token_prefill_from_the_same_states(state_update):
+def test_decode_equals_one_token_prefill_from_the_same_states(decode):
     """Both kernels run the same arithmetic on a single token: bitwise equal states, and
     bitwise equal outputs where both sum y = state . C with numba's _dot. The C kernel sums y in
     another order: fp32 reassociation of STATE_SIZE terms, so rtol = atol = 1e-5 (its
@@ -230,7 +228,7 @@ def test_decode_equals_one_token_prefill_from_the_same_states(state_update):
         zxbcdt, p, conv_prefill, ssm_prefill, torch.tensor([0, 1]), slot, torch.tensor([True])
     )
 
-    if state_update == "numba":
+    if decode == "numba":
         assert torch.equal(y_decode, y_prefill)
     else:
         torch.testing.assert_close(y_decode, y_prefill, rtol=1e-5, atol=1e-5)
@@ -238,40 +236,36 @@ def test_decode_equals_one_token_prefill_from_the_same_states(state_update):
     assert torch.equal(ssm, ssm_prefill)
 
 
+@pytest.mark.parametrize("rotate", [False, True])
 @pytest.mark.parametrize(
     "num_heads, head_dim, state_size, n_groups",
-    [(4, 8, 72, 2), (3, 4, 128, 1), (2, 4, 7, 1)],  # H * P: Hadamard sizes
-    ids=["64-values-and-a-tail", "mamba2-state-size", "tail-only"],
+    [(4, 8, 72, 2), (3, 4, 128, 1), (2, 4, 7, 1), (6, 64, 16, 3)],  # H * P: Hadamard sizes
+    ids=["64-values-and-a-tail", "mamba2-state-size", "tail-only", "block-of-128"],
 )
-def test_simd_state_update_equals_numba(num_heads, head_dim, state_size, n_groups):
-    """The C state update against numba's on the same inputs: the same fp32 operations per
-    state element, so bitwise equal int8 states; y sums state . C in another order, fp32
-    reassociation of at most 128 terms of unit size: rtol = atol = 1e-5."""
-    from vllm_quamba.kernels import _quamba2_ssm_numba
-
-    kernel = quamba2_ssm._simd_state_update()
+def test_simd_decode_equals_numba(num_heads, head_dim, state_size, n_groups, rotate):
+    """The C decode step against numba's on the same inputs, from slots of strided caches: the
+    same fp32 operations per element (the exp polynomial, libm's expf and log1pf, the Hadamard
+    additions), so bitwise equal int8 states; the output differs in the order of two sums, y =
+    state . C and the norm's sum of squares: fp32 reassociation of at most 128 terms of unit
+    size, which the norm and Hadamard carry through at its size: rtol = atol = 1e-5."""
+    kernel = quamba2_ssm._simd_decode()
     if kernel is None:
         pytest.skip("no AVX-512 VNNI on this CPU (or the C kernels are not built)")
     g = torch.Generator().manual_seed(7)
     p = _params(g, num_heads=num_heads, head_dim=head_dim, state_size=state_size, n_groups=n_groups)
-    w = cpu_weights(p)
+    conv_dim = p.conv_dim
+    pages = torch.randint(-128, 128, (NUM_SLOTS, conv_dim, KERNEL + 1), generator=g, dtype=torch.int8)
+    conv = pages[:, :, 1:].transpose(1, 2)  # vLLM's "DS" layout: channels strided
     ssm = torch.randint(-128, 128, (NUM_SLOTS, num_heads, head_dim, state_size), generator=g, dtype=torch.int8)
-    ssm_numba = ssm.clone()
-    slots = np.array([4, 0, 6])
-    xbc, dt, decay, y = _quamba2_ssm_numba.decode_buffers(w, len(slots))
-    xbc[:] = torch.randn(xbc.shape, generator=g).numpy()
-    dt[:] = torch.rand(dt.shape, generator=g).numpy()
-    decay[:] = np.exp(dt * w.A)
-    y_numba = np.empty_like(y)
+    conv_numba, ssm_numba = conv.clone(), ssm.clone()
+    slots = torch.tensor([4, 0, 6])
+    zxbcdt = 1.5 * torch.randn(len(slots), p.intermediate_size + conv_dim + num_heads, generator=g)
 
-    ssm_flat = ssm_numba.view(-1).numpy()
-    _quamba2_ssm_numba.decode_states(xbc, dt, decay, w, slots, (ssm_flat, 0, ssm.stride(0)), y_numba)
-    kernel(
-        ssm.data_ptr(), ssm.stride(0), slots.ctypes.data, len(slots), xbc.ctypes.data, xbc.shape[1],
-        dt.ctypes.data, decay.ctypes.data, w.D.ctypes.data, w.state_scale_row.ctypes.data,
-        w.state_scale_table.ctypes.data, w.state_inv_table.ctypes.data,
-        num_heads, head_dim, state_size, n_groups, y.ctypes.data,
-    )  # fmt: skip
+    out = quamba2_ssm_decode_cpu(zxbcdt, p, conv, ssm, slots, rotate_output=rotate)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(quamba2_ssm, "_simd_decode", lambda: None)
+        out_numba = quamba2_ssm_decode_cpu(zxbcdt, p, conv_numba, ssm_numba, slots, rotate_output=rotate)
 
+    assert torch.equal(conv, conv_numba)
     assert torch.equal(ssm, ssm_numba)
-    np.testing.assert_allclose(y, y_numba, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, out_numba, rtol=1e-5, atol=1e-5)

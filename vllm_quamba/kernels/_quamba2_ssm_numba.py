@@ -1,12 +1,11 @@
 """numba kernels of the CPU Quamba2 SSM path (see quamba2_ssm.py); imported on first use only.
 
-Both kernels run whole batches in one call, read and write vLLM's int8 state cache in place
+Both kernels run whole batches in one call and read and write vLLM's int8 state cache in place
 through a flat view of its storage (``conv``/``ssm``: the storage, the view's storage offset
-and strides; the kernels find each sequence's slot from its slot number) and end with the gated
-RMSNorm and the online Hadamard transform, so the caller gets out_proj's input. The decode's
-phases (``decode_conv``, ``decode_states``, ``decode_finish``) are also called one by one, with
-the C state update (csrc/quamba2_ssm_decode.c, the same fp32 operations) in place of
-``decode_states`` where the CPU has AVX-512 VNNI.
+and strides; the kernels find each sequence's slot from its slot number). They end with the
+gated RMSNorm, and the decode also with the online Hadamard transform when ``w.rotate``, so
+the caller gets out_proj's input. The decode is also the specification of the C decode step
+(csrc/quamba2_ssm_decode.c), which repeats its fp32 operations where the CPU has AVX-512 VNNI.
 
 fastmath stays off except in ``_dot`` (reassociation only, so LLVM can vectorize the
 y = state . C reduction): every quantization point then rounds the same fp32 value as the torch
@@ -262,9 +261,8 @@ def decode_buffers(w, batch):
     )
 
 
-# A decode step runs in three phases, so that the state update in the middle can be the C
-# kernel (csrc/quamba2_ssm_decode.c) where the CPU has AVX-512: quamba2_ssm then calls each
-# phase over the whole batch, else decode_kernel runs all three.
+# A decode step runs in three phases, each over the batch it is given; decode_kernel calls them
+# sequence by sequence.
 
 
 @njit(cache=True)

@@ -22,9 +22,11 @@ kernels), this is H_m @ X @ S_{2^k}.T / sqrt(n): Walsh-Hadamard butterflies alon
 contiguous 2^k axis, then one small dense m x m matmul.
 
 API: ``hadamard_transform_ref`` (plain torch, the specification) and ``hadamard_transform_cpu``
-(numba, one row at a time in place: at mamba2-130m's n = 1536 on one core, 14 us for one row
-and 5 ms for 1024, against the reference's 94 us and 27 ms, which spends them allocating each
-pass's result). ``layers.cpu_ops.hadamard_transform`` dispatches between them.
+(rows transformed in place by ``hadamard_rows_cpu_``: the C kernel csrc/hadamard.c where the CPU
+has AVX-512, else numba's with the same additions in the same order; at mamba2-130m's n = 1536
+on one core, 1024 rows take 1.7 ms in C, 4.9 ms in numba and 27 ms in the reference, which
+spends them allocating each pass's result; one row costs ~14 us of call overhead in either).
+``layers.cpu_ops.hadamard_transform`` dispatches between them.
 """
 
 import functools
@@ -185,12 +187,38 @@ def hadamard_numba_constants(n: int) -> tuple[np.ndarray, np.float32]:
     return hadamard_base(n).to(torch.float32).numpy(), np.float32(1.0 / math.sqrt(n))
 
 
-def hadamard_transform_cpu(x: torch.Tensor) -> torch.Tensor:
-    """hadamard_transform_ref(x) on a CPU tensor by the numba kernel; x is not modified."""
-    from ._hadamard_numba import hadamard_rows  # numba compiles on first use
+@functools.cache
+def _simd_rows():
+    """csrc/hadamard.c's row transform (numba's additions in the same order, vectorized), or
+    None where this CPU lacks AVX-512 or the C kernels are not built."""
+    from . import _simd
 
-    n = x.shape[-1]
+    pointer, i64 = _simd.POINTER, _simd.INT64
+    return _simd.function(
+        "quamba_hadamard_rows_avx512", "avx512_vnni", pointer, i64, i64, pointer, i64, _simd.FLOAT, pointer
+    )
+
+
+def hadamard_rows_cpu_(rows: torch.Tensor) -> torch.Tensor:
+    """Each row of the contiguous fp32 CPU tensor rows [M, n] replaced by its transform, by the C
+    kernel, or numba's where the CPU lacks AVX-512 (bitwise the same results); returns rows."""
+    n = rows.shape[-1]
     base, scale = hadamard_numba_constants(n)  # raises the reference's error for unsupported sizes
+    kernel = _simd_rows()
+    if kernel is not None:
+        scratch = torch.empty(n, dtype=torch.float32)
+        kernel(rows.data_ptr(), rows.numel() // n, n, base.ctypes.data, base.shape[0], scale, scratch.data_ptr())
+    else:
+        from ._hadamard_numba import hadamard_rows  # numba compiles on first use
+
+        hadamard_rows(rows.reshape(-1, n).numpy(), base, scale)
+    return rows
+
+
+def hadamard_transform_cpu(x: torch.Tensor) -> torch.Tensor:
+    """hadamard_transform_ref(x) on a CPU tensor (``hadamard_rows_cpu_`` on a copy); x is not
+    modified."""
+    n = x.shape[-1]
+    hadamard_numba_constants(n)  # the reference's error for unsupported sizes, before copying
     rows = x.reshape(-1, n).to(torch.float32, copy=True).contiguous()
-    hadamard_rows(rows.numpy(), base, scale)
-    return rows.reshape(x.shape).to(x.dtype)
+    return hadamard_rows_cpu_(rows).reshape(x.shape).to(x.dtype)

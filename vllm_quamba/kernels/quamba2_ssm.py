@@ -19,9 +19,9 @@ int8 loses nothing. States are functional here: new states are returned, never w
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
-import itertools
 from typing import NamedTuple
 
 import numpy as np
@@ -30,7 +30,7 @@ import torch
 from . import _simd
 from .causal_conv1d import causal_conv1d_ref, causal_conv1d_update_ref
 from .gated_rmsnorm import gated_rmsnorm_ref
-from .hadamard import hadamard_numba_constants
+from .hadamard import hadamard_numba_constants, hadamard_rows_cpu_
 from .quant import dequantize_int8, f32_contiguous, quantize_int8
 from .selective_state_update import mamba2_state_update_ref
 from .ssd_chunk_scan import ssd_chunk_scan_ref
@@ -188,15 +188,17 @@ def quamba2_ssm_decode_ref(
 # ----------------------------------------------------------------------------- CPU fast path
 #
 # The whole batch per call, states read and written in place in the int8 cache, the output
-# already gated-normed and (if asked) rotated by the online Hadamard transform. A decode runs
-# in three phases (_quamba2_ssm_numba.decode_kernel): the conv and dt (numba), the int8 state
-# update, and the gated norm (numba). Where the CPU has AVX-512 VNNI, the state update - most of
-# a decode's time: it streams the int8 states, 192 KiB per sequence and layer at mamba2-130m -
-# is the C kernel csrc/quamba2_ssm_decode.c, else numba's, in one numba call with the other
-# phases; both compute the same fp32 states, and y only sums in another order. Prefills are one
-# numba call. Equal to the references above up to fp32 rounding order (exp, the conv and
-# y = state . C sums, the Hadamard base matmul), which moves an int8 value by one step only
-# where the reference's value lies within rounding error of a tie.
+# already gated-normed and (if asked) rotated by the online Hadamard transform. A decode step -
+# the conv and dt, the int8 state update (it streams the states, 192 KiB per sequence and layer
+# at mamba2-130m), the gated norm and the Hadamard transform - is one call of the C kernel
+# csrc/quamba2_ssm_decode.c where the CPU has AVX-512 VNNI (at mamba2-130m, batch 1: 44 us a
+# layer, against 95 us for numba's phases around the C state update, ~24 us of it their calls),
+# else of numba's decode_kernel; both make the same fp32 operations, so their int8 states are
+# equal and their outputs differ only in the order of two sums. Prefills are one numba call,
+# then the Hadamard transform of all rows (hadamard.hadamard_rows_cpu_). Equal to the
+# references above up to fp32 rounding order (exp, the conv and y = state . C sums, the
+# Hadamard base matmul), which moves an int8 value by one step only where the reference's
+# value lies within rounding error of a tie.
 
 
 class Quamba2CpuWeights(NamedTuple):
@@ -228,7 +230,7 @@ class Quamba2CpuWeights(NamedTuple):
     state_inv_table: np.ndarray
     hadamard_base: np.ndarray  # [m, m] +-1 base matrix of hadamard.py for n = I
     hadamard_scale: np.float32
-    rotate: bool  # whether the kernels end with the Hadamard transform
+    rotate: bool  # whether numba's decode ends with the Hadamard transform
     num_heads: int
     head_dim: int
     state_size: int
@@ -321,9 +323,13 @@ def _cache_views(p: Quamba2SSMParams, conv_cache: torch.Tensor, ssm_cache: torch
     return _conv_view(conv_cache), ssm
 
 
-def _slot_numbers(slots: torch.Tensor) -> np.ndarray:
+def _check_slots(slots: torch.Tensor) -> None:
     if slots.dim() != 1:
         raise ValueError(f"slots must be one index per sequence, got shape {tuple(slots.shape)}")
+
+
+def _slot_numbers(slots: torch.Tensor) -> np.ndarray:
+    _check_slots(slots)
     return slots.numpy()
 
 
@@ -340,48 +346,71 @@ def _output(zxbcdt: torch.Tensor, p: Quamba2SSMParams, out: torch.Tensor | None)
 
 
 @functools.cache
-def _simd_state_update():
-    """csrc/quamba2_ssm_decode.c's kernel, or None where this CPU lacks AVX-512 VNNI."""
+def _simd_decode():
+    """csrc/quamba2_ssm_decode.c's whole decode step, or None where this CPU lacks AVX-512 VNNI."""
     p, i64 = _simd.POINTER, _simd.INT64
     return _simd.function(
         "quamba_quamba2_ssm_decode_avx512_vnni", "avx512_vnni",
-        p, i64, p, i64, p, i64, p, p, p, p, p, p, i64, i64, i64, i64, p,
+        p, p, i64, p, p, i64, i64, i64, p, i64, p,
     )  # fmt: skip
 
 
-def _state_update_constants(p: Quamba2SSMParams, w: Quamba2CpuWeights) -> tuple[int, ...]:
-    """The C state update's per-layer arguments: pointers into w's arrays (kept alive on p with
-    w) and the shapes; cached on p, since numpy's .ctypes.data costs a microsecond each."""
-    constants = p.__dict__.get("_state_update_constants")
-    if constants is None:
-        pointers = [a.ctypes.data for a in (w.D, w.state_scale_row, w.state_scale_table, w.state_inv_table)]
-        constants = (*pointers, w.num_heads, w.head_dim, w.state_size, w.n_groups)
-        p.__dict__["_state_update_constants"] = constants
-    return constants
+# The layer arrays the C decode reads, by their Quamba2CpuWeights names.
+_DECODE_LAYER_ARRAYS = (
+    "xbc_in_scale", "xbc_in_inv", "conv_weight_t", "conv_bias", "xbc_out_scale", "xbc_out_inv",
+    "dt_bias", "A", "D", "norm_weight", "state_scale_row", "state_scale_table", "state_inv_table",
+)  # fmt: skip
 
 
-def _decode_simd(kernel, zxbcdt, p: Quamba2SSMParams, w: Quamba2CpuWeights, slots, conv_cache, ssm_cache, out):
-    """The decode's three phases with the C state update in the middle; the phases' buffers
-    share one allocation, so that one pointer lookup serves them all."""
-    from . import _quamba2_ssm_numba
+class _DecodeLayer(ctypes.Structure):
+    """csrc/quamba2_ssm_decode.c's struct quamba2_decode_layer: pointers into a
+    Quamba2CpuWeights' arrays (kept alive with it on the params) and its scalars."""
 
+    _fields_ = [
+        *((name, ctypes.c_void_p) for name in (*_DECODE_LAYER_ARRAYS, "hadamard_base")),
+        ("hadamard_m", ctypes.c_int64),
+        *((name, ctypes.c_float) for name in (
+            "hadamard_scale", "z_scale", "z_inv", "dt_scale", "dt_inv", "norm_eps",
+        )),
+        *((name, ctypes.c_int64) for name in (
+            "num_heads", "head_dim", "state_size", "n_groups", "conv_kernel",
+        )),
+    ]  # fmt: skip
+
+
+def _decode_layer(p: Quamba2SSMParams, rotate: bool) -> _DecodeLayer:
+    """The C kernel's layer struct for p (with or without the output rotation), built once and
+    kept on p: numpy's .ctypes.data costs a microsecond per array."""
+    key = f"_decode_layer_{rotate}"
+    layer = p.__dict__.get(key)
+    if layer is None:
+        w = cpu_weights(p)
+        arrays = {name: getattr(w, name).ctypes.data for name in _DECODE_LAYER_ARRAYS}
+        layer = p.__dict__[key] = _DecodeLayer(
+            **arrays,
+            hadamard_base=w.hadamard_base.ctypes.data if rotate else None,
+            hadamard_m=w.hadamard_base.shape[0], hadamard_scale=w.hadamard_scale,
+            z_scale=w.z_scale, z_inv=w.z_inv, dt_scale=w.dt_scale, dt_inv=w.dt_inv, norm_eps=w.norm_eps,
+            num_heads=w.num_heads, head_dim=w.head_dim, state_size=w.state_size, n_groups=w.n_groups,
+            conv_kernel=w.conv_weight_t.shape[0],
+        )  # fmt: skip
+    return layer
+
+
+def _decode_simd(kernel, zxbcdt: torch.Tensor, p: Quamba2SSMParams, slots: torch.Tensor, conv_cache, ssm_cache, out, rotate):
     _check_ssm_cache(p, ssm_cache)
-    batch, intermediate, conv_dim = zxbcdt.shape[0], p.intermediate_size, p.conv_dim
-    slots = np.ascontiguousarray(slots, dtype=np.int64)
-    sizes = (batch * conv_dim, batch * p.num_heads, batch * p.num_heads, batch * intermediate)
-    buffer = np.empty(sum(sizes), dtype=np.float32)
-    xbc_at, dt_at, decay_at, y_at = itertools.accumulate((0, *sizes[:-1]))
-    xbc = buffer[xbc_at:dt_at].reshape(batch, conv_dim)
-    dt = buffer[dt_at:decay_at].reshape(batch, p.num_heads)
-    decay = buffer[decay_at:y_at].reshape(batch, p.num_heads)
-    y = buffer[y_at:].reshape(batch, intermediate)
-    _quamba2_ssm_numba.decode_conv(zxbcdt, w, slots, _conv_view(conv_cache), xbc, dt, decay)
-    base, itemsize = buffer.ctypes.data, buffer.itemsize
-    kernel(
-        ssm_cache.data_ptr(), ssm_cache.stride(0), slots.ctypes.data, batch, base + itemsize * xbc_at, conv_dim,
-        base + itemsize * dt_at, base + itemsize * decay_at, *_state_update_constants(p, w), base + itemsize * y_at,
+    in_proj_dim = p.intermediate_size + p.conv_dim + p.num_heads
+    if zxbcdt.shape[-1] != in_proj_dim:
+        raise ValueError(f"zxbcdt rows must hold {in_proj_dim} values, got {zxbcdt.shape[-1]}")
+    if conv_cache.dtype != torch.int8:
+        raise TypeError(f"quamba states are int8, got a {conv_cache.dtype} cache")
+    slots = slots.to(torch.int64).contiguous()
+    status = kernel(
+        ctypes.byref(_decode_layer(p, rotate)), zxbcdt.data_ptr(), zxbcdt.shape[0], slots.data_ptr(),
+        conv_cache.data_ptr(), *conv_cache.stride(), ssm_cache.data_ptr(), ssm_cache.stride(0), out.data_ptr(),
     )  # fmt: skip
-    _quamba2_ssm_numba.decode_finish(y, zxbcdt, w, out)
+    if status != 0:
+        raise MemoryError("the Quamba2 decode kernel could not allocate its work space")
 
 
 def quamba2_ssm_decode_cpu(
@@ -403,11 +432,12 @@ def quamba2_ssm_decode_cpu(
     from . import _quamba2_ssm_numba  # numba loads on first call only: see DESIGN.md
 
     out = _output(zxbcdt, p, out)
-    weights = cpu_weights(p)._replace(rotate=rotate_output)
-    kernel = _simd_state_update()
+    kernel = _simd_decode()
     if kernel is not None:
-        _decode_simd(kernel, _f32_rows(zxbcdt), p, weights, _slot_numbers(slots), conv_cache, ssm_cache, out.numpy())
+        _check_slots(slots)
+        _decode_simd(kernel, f32_contiguous(zxbcdt), p, slots, conv_cache, ssm_cache, out, rotate_output)
         return out
+    weights = cpu_weights(p)._replace(rotate=rotate_output)
     _quamba2_ssm_numba.decode_kernel(
         _f32_rows(zxbcdt), weights, _slot_numbers(slots), *_cache_views(p, conv_cache, ssm_cache),
         out.numpy(),
@@ -436,11 +466,11 @@ def quamba2_ssm_prefill_cpu(
     from . import _quamba2_ssm_numba
 
     out = _output(zxbcdt, p, out)
-    weights = cpu_weights(p)._replace(rotate=rotate_output)
     starts = query_start_loc.to(torch.int64).contiguous().numpy()
     has_initial = has_initial_state.to(torch.bool).contiguous().numpy()
     _quamba2_ssm_numba.prefill_kernel(
-        _f32_rows(zxbcdt), starts, has_initial, weights, _slot_numbers(slots),
+        _f32_rows(zxbcdt), starts, has_initial, cpu_weights(p), _slot_numbers(slots),
         *_cache_views(p, conv_cache, ssm_cache), out.numpy(),
     )  # fmt: skip
-    return out
+    # Rotated afterwards by the C transform where it runs (3x numba's at mamba2-130m's 1536).
+    return hadamard_rows_cpu_(out) if rotate_output else out

@@ -86,7 +86,7 @@ def w4_linear(layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None
 
 
 def hadamard_transform(x: torch.Tensor) -> torch.Tensor:
-    """hadamard_transform_ref(x): on the CPU by the numba kernel (through its op when compiled)."""
+    """hadamard_transform_ref(x): on the CPU by hadamard_transform_cpu (through its op when compiled)."""
     if not x.is_cpu:
         return hadamard_transform_ref(x)
     if torch.compiler.is_compiling():

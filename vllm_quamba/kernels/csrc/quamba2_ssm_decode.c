@@ -1,16 +1,26 @@
-/* The int8 SSM state update of the Quamba2 decode on AVX-512; the specification is
- * quamba2_ssm.quamba2_ssm_decode_ref, and this kernel repeats _quamba2_ssm_numba._head_int8's fp32
- * operations element by element, in the same order:
+/* One decode step of the Quamba2 int8 SSM on AVX-512, the whole batch in one call; the
+ * specification is quamba2_ssm.quamba2_ssm_decode_ref, and this kernel repeats the fp32 operations
+ * of _quamba2_ssm_numba.decode_kernel element by element, in the same order (no FMA:
+ * -ffp-contract=off), so the int8 conv and SSM states equal numba's bit for bit and the output
+ * differs from numba's only by the summation order of y = state . C and of the norm's sum of
+ * squares. Per sequence:
  *
- *   s = decay * (q * scale[n]) + (dt * x[p]) * b[n]        (no FMA: -ffp-contract=off)
- *   q = rint(clamp(s * inv_scale[n], -128, 127))           (ties to even, as torch.round)
- *   y[p] = sum_n s * c[n] + d * x[p]                       (the sum in its own order)
+ *   conv    xbc = quantize(dequantize(window) . conv taps + bias -> SiLU) with the conv window
+ *           (int8 in_proj outputs) shifted in place in its cache slot;
+ *   dt      dt = softplus(dequantize(quantize(dt_in)) + dt_bias), decay = exp(dt * A);
+ *   state   s = decay * (q * scale[n]) + (dt * x[p]) * b[n]
+ *           q = rint(clamp(s * inv_scale[n], -128, 127))       (ties to even, as torch.round)
+ *           y[p] = sum_n s * c[n] + d * x[p]
+ *   finish  out = gated RMSNorm of y with the dequantized int8 z, then the online Hadamard
+ *           transform (csrc/hadamard.c) when the layer rotates its output.
  *
- * so the int8 states equal the numba kernel's bit for bit, and y differs from it by summation
- * order only. The state is streamed once, 16 values per vector, dequantized, updated, requantized
- * and stored in place; the new fp32 state is used for y while still in registers, never stored.
+ * The state is streamed once, 16 values per vector, dequantized, updated, requantized and stored in
+ * place; the new fp32 state is used for y while still in registers, never stored. One call for the
+ * batch, where numba's three phases cost ~24 us of dispatch a layer at batch 1.
  */
+#include <math.h>
 #include <stddef.h>
+#include <stdlib.h>
 
 #include "simd.h"
 
@@ -80,36 +90,198 @@ static ALWAYS_INLINE void prefetch_ahead(const int8_t *slot, const int8_t *next_
     }
 }
 
-/* Sequence i's state slot is the contiguous int8 [H*P, N] at ssm + slots[i] * slot_stride; its
- * operands are xbc[i] = [x (H*P), B (G*N), C (G*N)] (rows of conv_dim floats), dt[i], decay[i]
- * ([H] each, decay = exp(dt * A)); head h reads SSD group h / (H / G). State row r scales with
- * scale_table[scale_row[r]] ([R, N]; inv_table holds the fp32 reciprocals). Writes y [batch, H*P]
- * and returns 0. */
-AVX512_VNNI int quamba_quamba2_ssm_decode_avx512_vnni(int8_t *ssm, int64_t slot_stride, const int64_t *slots,
-                                                      int64_t batch, const float *xbc, int64_t conv_dim,
-                                                      const float *dt, const float *decay, const float *d,
-                                                      const int64_t *scale_row, const float *scale_table,
-                                                      const float *inv_table, int64_t num_heads, int64_t head_dim,
-                                                      int64_t state_size, int64_t n_groups, float *y) {
-    const int64_t rows = num_heads * head_dim, heads_per_group = num_heads / n_groups;
-    const int64_t slot_bytes = rows * state_size;
-    for (int64_t i = 0; i < batch; i++) {
-        int8_t *slot = ssm + slots[i] * slot_stride;
-        const int8_t *next_slot = i + 1 < batch ? ssm + slots[i + 1] * slot_stride : NULL;
-        const float *x = xbc + i * conv_dim;
-        float *y_seq = y + i * rows;
-        for (int64_t h = 0; h < num_heads; h++) {
-            const int64_t g = h / heads_per_group;
-            const float *b = x + rows + g * state_size, *c = x + rows + (n_groups + g) * state_size;
-            const float dt_h = dt[i * num_heads + h], decay_h = decay[i * num_heads + h];
-            for (int64_t r = h * head_dim; r < (h + 1) * head_dim; r++) {
-                const int64_t table_offset = scale_row[r] * state_size;
-                prefetch_ahead(slot, next_slot, r * state_size, state_size, slot_bytes);
-                const float dot = update_row(slot + r * state_size, state_size, scale_table + table_offset,
-                                             inv_table + table_offset, b, c, decay_h, dt_h * x[r]);
-                y_seq[r] = dot + d[h] * x[r];
-            }
+
+/* A layer's constants, as quamba2_ssm.Quamba2CpuWeights holds them (quamba2_ssm._DecodeLayer
+ * mirrors this struct); C = conv_dim, H = num_heads, I = H * head_dim, N = state_size. */
+struct quamba2_decode_layer {
+    const float *xbc_in_scale, *xbc_in_inv;                 /* [C]: the conv input's int8 grid */
+    const float *conv_weight_t;                             /* [K, C]: taps outermost */
+    const float *conv_bias, *xbc_out_scale, *xbc_out_inv;   /* [C] */
+    const float *dt_bias, *A, *D;                           /* [H] */
+    const float *norm_weight;                               /* [I] */
+    const int64_t *state_scale_row;                         /* [I]: each state row's scale row */
+    const float *state_scale_table, *state_inv_table;       /* [R, N] */
+    const float *hadamard_base;                             /* [m, m]; NULL: no rotation */
+    int64_t hadamard_m;
+    float hadamard_scale, z_scale, z_inv, dt_scale, dt_inv, norm_eps;
+    int64_t num_heads, head_dim, state_size, n_groups, conv_kernel;
+};
+
+/* _numba_math's exp: 2^k * e^r, k = rint(x log2 e), r = x - k ln 2 (ln 2 in an exact head and a
+ * tail), e^r by its degree-7 Taylor polynomial, x clamped to [-87, 88]. */
+#define EXP_MIN (-87.0f)
+#define EXP_MAX 88.0f
+#define LOG2E ((float)1.4426950408889634)
+#define LN2_HI 0.693359375f
+#define LN2_LO ((float)-2.12194440e-4)
+
+static ALWAYS_INLINE AVX512_VNNI __m512 exp_avx512(__m512 x) {
+    static const float taylor[8] = {1.0f, 1.0f, (float)(1.0 / 2), (float)(1.0 / 6), (float)(1.0 / 24),
+                                    (float)(1.0 / 120), (float)(1.0 / 720), (float)(1.0 / 5040)};
+    const __m512 v = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(EXP_MIN)), _mm512_set1_ps(EXP_MAX));
+    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 r =
+        _mm512_sub_ps(_mm512_sub_ps(v, _mm512_mul_ps(k, _mm512_set1_ps(LN2_HI))), _mm512_mul_ps(k, _mm512_set1_ps(LN2_LO)));
+    __m512 poly = _mm512_set1_ps(taylor[7]);
+    for (int i = 6; i >= 0; i--)
+        poly = _mm512_add_ps(_mm512_set1_ps(taylor[i]), _mm512_mul_ps(r, poly));
+    const __m512i pow2_bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(poly, _mm512_castsi512_ps(pow2_bits));
+}
+
+/* silu(v) = v / (1 + exp(-v)), the exp's argument as numba's -1.0 * v. */
+static ALWAYS_INLINE AVX512_VNNI __m512 silu_avx512(__m512 v) {
+    const __m512 exp_minus = exp_avx512(_mm512_mul_ps(v, _mm512_set1_ps(-1.0f)));
+    return _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), exp_minus));
+}
+
+/* rint(clamp(value * inv_scale, -128, 127)) as int32 lanes (cvtps rounds ties to even). */
+static ALWAYS_INLINE AVX512_VNNI __m512i quantize_vector(__m512 value, __m512 inv_scale) {
+    const __m512 v = _mm512_mul_ps(value, inv_scale);
+    return _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-128.0f)), _mm512_set1_ps(127.0f)));
+}
+
+static ALWAYS_INLINE AVX512_VNNI __m512 fake_quant(__m512 value, __m512 inv_scale, __m512 scale) {
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(quantize_vector(value, inv_scale)), scale);
+}
+
+static ALWAYS_INLINE __mmask16 tail_mask(int64_t remaining) {
+    return remaining >= LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << remaining) - 1);
+}
+
+/* The conv window of a slot (K-1 rows of C int8 at the given strides) to or from a contiguous
+ * copy: vLLM's "DS" layout strides the channels. */
+static void copy_window(int8_t *slot, int64_t state_stride, int64_t channel_stride, int8_t *window, int64_t rows,
+                        int64_t conv_dim, int to_slot) {
+    for (int64_t j = 0; j < rows; j++) {
+        int8_t *cached = slot + j * state_stride, *local = window + j * conv_dim;
+        for (int64_t c = 0; c < conv_dim; c++) {
+            if (to_slot)
+                cached[c * channel_stride] = local[c];
+            else
+                local[c] = cached[c * channel_stride];
         }
     }
+}
+
+/* One token of the int8 causal conv1d with SiLU and the requantization of its output (numba's
+ * _conv_token): window [K-1, C] (oldest first) is shifted to end with this token's quantized
+ * inputs; xbc [C] gets x, B and C of the SSM. Each channel sums its taps oldest first. */
+static AVX512_VNNI void conv_token(const struct quamba2_decode_layer *layer, const float *xbc_in, int8_t *window,
+                                   int64_t conv_dim, float *xbc) {
+    const int64_t state_len = layer->conv_kernel - 1;
+    for (int64_t c = 0; c < conv_dim; c += LANES) {
+        const __mmask16 mask = tail_mask(conv_dim - c);
+        const __m512 scale = _mm512_maskz_loadu_ps(mask, layer->xbc_in_scale + c);
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t j = 0; j < state_len; j++) {
+            const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, window + j * conv_dim + c)));
+            const __m512 weight = _mm512_maskz_loadu_ps(mask, layer->conv_weight_t + j * conv_dim + c);
+            acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_mul_ps(q, scale), weight));
+        }
+        const __m512i newest =
+            quantize_vector(_mm512_maskz_loadu_ps(mask, xbc_in + c), _mm512_maskz_loadu_ps(mask, layer->xbc_in_inv + c));
+        const __m512 weight = _mm512_maskz_loadu_ps(mask, layer->conv_weight_t + state_len * conv_dim + c);
+        acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(newest), scale), weight));
+        acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(mask, layer->conv_bias + c));
+        const __m512 out = fake_quant(silu_avx512(acc), _mm512_maskz_loadu_ps(mask, layer->xbc_out_inv + c),
+                                      _mm512_maskz_loadu_ps(mask, layer->xbc_out_scale + c));
+        _mm512_mask_storeu_ps(xbc + c, mask, out);
+        for (int64_t j = 0; j + 1 < state_len; j++)
+            _mm_mask_storeu_epi8(window + j * conv_dim + c, mask, _mm_maskz_loadu_epi8(mask, window + (j + 1) * conv_dim + c));
+        if (state_len > 0)
+            _mm512_mask_cvtepi32_storeu_epi8(window + (state_len - 1) * conv_dim + c, mask, newest);
+    }
+}
+
+/* dt = softplus(dequantized int8 dt_in + dt_bias) (torch's threshold 20), decay = exp(dt * A):
+ * numba calls the same libm expf and log1pf. */
+static void effective_dt(const struct quamba2_decode_layer *layer, const float *dt_in, float *dt, float *decay) {
+    for (int64_t h = 0; h < layer->num_heads; h++) {
+        const float q = rintf(fminf(fmaxf(dt_in[h] * layer->dt_inv, -128.0f), 127.0f));
+        const float v = q * layer->dt_scale + layer->dt_bias[h];
+        dt[h] = v > 20.0f ? v : log1pf(expf(v));
+        decay[h] = expf(dt[h] * layer->A[h]);
+    }
+}
+
+/* The state update of one sequence's slot [I, N] in place -> y [I]; next_slot (or NULL) is
+ * prefetched while the last rows stream. */
+static AVX512_VNNI void update_states(const struct quamba2_decode_layer *layer, int8_t *slot, const int8_t *next_slot,
+                                      const float *xbc, const float *dt, const float *decay, float *y) {
+    const int64_t state_size = layer->state_size, rows = layer->num_heads * layer->head_dim;
+    const int64_t heads_per_group = layer->num_heads / layer->n_groups, slot_bytes = rows * state_size;
+    for (int64_t h = 0; h < layer->num_heads; h++) {
+        const int64_t g = h / heads_per_group;
+        const float *b = xbc + rows + g * state_size, *c = xbc + rows + (layer->n_groups + g) * state_size;
+        for (int64_t r = h * layer->head_dim; r < (h + 1) * layer->head_dim; r++) {
+            const int64_t table_offset = layer->state_scale_row[r] * state_size;
+            prefetch_ahead(slot, next_slot, r * state_size, state_size, slot_bytes);
+            const float dot = update_row(slot + r * state_size, state_size, layer->state_scale_table + table_offset,
+                                         layer->state_inv_table + table_offset, b, c, decay[h], dt[h] * xbc[r]);
+            y[r] = dot + layer->D[h] * xbc[r];
+        }
+    }
+}
+
+/* out [I] = the gated RMSNorm of y with the dequantized int8 z (per group of I / G channels),
+ * then the Hadamard transform when the layer rotates (scratch: I floats). */
+static AVX512_VNNI void finish_token(const struct quamba2_decode_layer *layer, const float *y, const float *z_in,
+                                     float *out, float *scratch) {
+    const int64_t size = layer->num_heads * layer->head_dim, group = size / layer->n_groups;
+    const __m512 z_inv = _mm512_set1_ps(layer->z_inv), z_scale = _mm512_set1_ps(layer->z_scale);
+    for (int64_t i = 0; i < size; i += LANES) {
+        const __mmask16 mask = tail_mask(size - i);
+        const __m512 z = fake_quant(_mm512_maskz_loadu_ps(mask, z_in + i), z_inv, z_scale);
+        _mm512_mask_storeu_ps(out + i, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, y + i), silu_avx512(z)));
+    }
+    for (int64_t start = 0; start < size; start += group) {
+        __m512 squares = _mm512_setzero_ps();
+        for (int64_t i = start; i < start + group; i += LANES) {
+            const __m512 v = _mm512_maskz_loadu_ps(tail_mask(start + group - i), out + i);
+            squares = _mm512_add_ps(squares, _mm512_mul_ps(v, v));
+        }
+        const __m512 inv_rms =
+            _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(squares) / (float)group + layer->norm_eps));
+        for (int64_t i = start; i < start + group; i += LANES) {
+            const __mmask16 mask = tail_mask(start + group - i);
+            const __m512 normed = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, out + i), inv_rms);
+            _mm512_mask_storeu_ps(out + i, mask, _mm512_mul_ps(normed, _mm512_maskz_loadu_ps(mask, layer->norm_weight + i)));
+        }
+    }
+    if (layer->hadamard_base != NULL)
+        quamba_hadamard_row_avx512(out, size, layer->hadamard_base, layer->hadamard_m, layer->hadamard_scale, scratch);
+}
+
+/* One token for each of batch sequences: zxbcdt [batch, I + C + H] (contiguous rows of z, xBC,
+ * dt) -> out [batch, I]. Sequence i's conv window is the int8 [K-1, C] at conv + slots[i] *
+ * conv_slot_stride (row and channel strides given), its SSM state the contiguous int8 [I, N] at
+ * ssm + slots[i] * ssm_slot_stride; both are updated in place. Returns 0, or -1 where the work
+ * space cannot be allocated (nothing written then). */
+AVX512_VNNI int quamba_quamba2_ssm_decode_avx512_vnni(const struct quamba2_decode_layer *layer, const float *zxbcdt,
+                                                      int64_t batch, const int64_t *slots, int8_t *conv,
+                                                      int64_t conv_slot_stride, int64_t conv_state_stride,
+                                                      int64_t conv_channel_stride, int8_t *ssm, int64_t ssm_slot_stride,
+                                                      float *out) {
+    const int64_t heads = layer->num_heads, intermediate = heads * layer->head_dim;
+    const int64_t conv_dim = intermediate + 2 * layer->n_groups * layer->state_size;
+    const int64_t row_length = intermediate + conv_dim + heads, window_rows = layer->conv_kernel - 1;
+    float *work = malloc(sizeof(float) * (conv_dim + 2 * heads + 2 * intermediate) + window_rows * conv_dim);
+    if (work == NULL)
+        return -1;
+    float *xbc = work, *dt = xbc + conv_dim, *decay = dt + heads, *y = decay + heads, *scratch = y + intermediate;
+    int8_t *window = (int8_t *)(scratch + intermediate);
+    for (int64_t i = 0; i < batch; i++) {
+        const float *token = zxbcdt + i * row_length;
+        int8_t *conv_slot = conv + slots[i] * conv_slot_stride;
+        copy_window(conv_slot, conv_state_stride, conv_channel_stride, window, window_rows, conv_dim, 0);
+        conv_token(layer, token + intermediate, window, conv_dim, xbc);
+        copy_window(conv_slot, conv_state_stride, conv_channel_stride, window, window_rows, conv_dim, 1);
+        effective_dt(layer, token + intermediate + conv_dim, dt, decay);
+        const int8_t *next_slot = i + 1 < batch ? ssm + slots[i + 1] * ssm_slot_stride : NULL;
+        update_states(layer, ssm + slots[i] * ssm_slot_stride, next_slot, xbc, dt, decay, y);
+        finish_token(layer, y, token, out + i * intermediate, scratch);
+    }
+    free(work);
     return 0;
 }

@@ -59,6 +59,11 @@ static inline AMX_INT8 void configure_amx_tiles(void) {
     _tile_loadconfig(&config);
 }
 
+/* hadamard_transform_ref of one row of n floats in place (csrc/hadamard.c): base is the m x m
+ * +-1 base matrix (fp32, row-major), scale = 1/sqrt(n), scratch n floats of work space. */
+AVX512_VNNI void quamba_hadamard_row_avx512(float *row, int64_t n, const float *base, int64_t m, float scale,
+                                            float *scratch);
+
 /* 1 when this CPU and OS run AVX512_VNNI functions. */
 int quamba_cpu_has_avx512_vnni(void);
 /* 1 when this CPU runs AMX_INT8 functions and the kernel granted this process the tile state. */
