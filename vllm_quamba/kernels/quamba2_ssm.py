@@ -289,19 +289,22 @@ def quamba2_ssm_decode_state_shapes(p: Quamba2SSMParams) -> tuple[tuple[int, int
     return (p.conv_weight.shape[1] - 1, p.conv_dim), (p.num_heads, p.head_dim, p.state_size)
 
 
+def _check_int8_cache(cache: torch.Tensor) -> None:
+    if cache.dtype != torch.int8:
+        raise TypeError(f"quamba states are int8, got a {cache.dtype} cache")
+
+
 def _flat_storage(cache: torch.Tensor) -> np.ndarray:
     """The whole storage under an int8 cache view, as a 1-D numpy array (vLLM's caches are
     strided views into shared pages; the kernels address slots by element offset)."""
-    if cache.dtype != torch.int8:
-        raise TypeError(f"quamba states are int8, got a {cache.dtype} cache")
+    _check_int8_cache(cache)
     return torch.empty(0, dtype=torch.int8).set_(cache.untyped_storage()).numpy()
 
 
 def _check_ssm_cache(p: Quamba2SSMParams, ssm_cache: torch.Tensor) -> None:
     _, ssm_shape = quamba2_ssm_decode_state_shapes(p)
     contiguous_slot = (ssm_shape[1] * ssm_shape[2], ssm_shape[2], 1)
-    if ssm_cache.dtype != torch.int8:
-        raise TypeError(f"quamba states are int8, got a {ssm_cache.dtype} cache")
+    _check_int8_cache(ssm_cache)
     if tuple(ssm_cache.shape[1:]) != ssm_shape or ssm_cache.stride()[1:] != contiguous_slot:
         raise ValueError(
             f"the SSM cache must hold contiguous {ssm_shape} slots, got shape "
@@ -402,8 +405,7 @@ def _decode_simd(kernel, zxbcdt: torch.Tensor, p: Quamba2SSMParams, slots: torch
     in_proj_dim = p.intermediate_size + p.conv_dim + p.num_heads
     if zxbcdt.shape[-1] != in_proj_dim:
         raise ValueError(f"zxbcdt rows must hold {in_proj_dim} values, got {zxbcdt.shape[-1]}")
-    if conv_cache.dtype != torch.int8:
-        raise TypeError(f"quamba states are int8, got a {conv_cache.dtype} cache")
+    _check_int8_cache(conv_cache)
     slots = slots.to(torch.int64).contiguous()
     status = kernel(
         ctypes.byref(_decode_layer(p, rotate)), zxbcdt.data_ptr(), zxbcdt.shape[0], slots.data_ptr(),
@@ -429,14 +431,14 @@ def quamba2_ssm_decode_cpu(
     slots (distinct). Returns out f32 [B, I]: the reference's y, or
     hadamard_transform_ref(y) when rotate_output.
     """
-    from . import _quamba2_ssm_numba  # numba loads on first call only: see DESIGN.md
-
     out = _output(zxbcdt, p, out)
     kernel = _simd_decode()
     if kernel is not None:
         _check_slots(slots)
         _decode_simd(kernel, f32_contiguous(zxbcdt), p, slots, conv_cache, ssm_cache, out, rotate_output)
         return out
+    from . import _quamba2_ssm_numba  # numba loads on first use only: see DESIGN.md
+
     weights = cpu_weights(p)._replace(rotate=rotate_output)
     _quamba2_ssm_numba.decode_kernel(
         _f32_rows(zxbcdt), weights, _slot_numbers(slots), *_cache_views(p, conv_cache, ssm_cache),
