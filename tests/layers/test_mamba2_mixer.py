@@ -58,9 +58,10 @@ def checkpoint(quamba_ckpt):
     return cfg, load_file(str(quamba_ckpt / "model.safetensors"))
 
 
-def build_mixer(quant_cfg: dict | None, prefix: str = PREFIX) -> QuambaMixer2:
+def build_mixer(quant_cfg: dict | None, prefix: str = PREFIX, model: dict = TINY_MAMBA2) -> QuambaMixer2:
+    """The mixer of ``model`` (a Mamba2 config's shape keys) under the quantization config."""
     qc = QuambaConfig.from_config(copy.deepcopy(quant_cfg)) if quant_cfg is not None else None
-    t = TINY_MAMBA2
+    t = model
     with set_current_vllm_config(VllmConfig()):  # a fresh layer-name registry per mixer
         return QuambaMixer2(
             hidden_size=t["hidden_size"], ssm_state_size=t["state_size"], conv_kernel_size=t["conv_kernel"],
@@ -251,3 +252,53 @@ def test_profile_run_without_metadata_writes_zeros(loaded_mixer, monkeypatch):
     out = torch.full((4, s.intermediate_size), 3.0)
     loaded_mixer.conv_ssm_forward(torch.randn(4, s.in_proj_dim), out)
     assert torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.fixture(scope="module")
+def w4a16_mixer(quantized_tiny_w4a16):
+    """A W4A16 mixer (stock fp SSM parameters, here random: the step's math is what is tested)."""
+    cfg = json.loads((quantized_tiny_w4a16 / "config.json").read_text())
+    mixer = build_mixer(cfg["quantization_config"], model=cfg)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for param in (mixer.conv1d.weight, mixer.conv1d.bias, mixer.D, mixer.dt_bias, mixer.norm.weight):
+            param.copy_(torch.randn(param.shape, generator=gen))
+        mixer.A.copy_(-4 * torch.rand(mixer.A.shape, generator=gen))
+    mixer.process_weights_after_loading(torch.float32)
+    return mixer
+
+
+def test_w4a16_decode_step_is_the_reference_with_rotation(w4a16_mixer, monkeypatch):
+    """A decode-only step on the CPU is one call of the fp SSM decode (C where the CPU has
+    AVX-512, else vLLM's ops and the norm and Hadamard after them): its output is out_proj's
+    input, the gated norm already rotated; states updated in their slots, others untouched.
+    Tolerances of tests/kernels/test_mamba2_ssm.py."""
+    from tests.kernels.test_mamba2_ssm import ATOL, RTOL, assert_fp16_states_close
+    from vllm_quamba.kernels.mamba2_ssm import mamba2_ssm_decode_ref
+    from vllm_quamba.layers.checkpoint_tensors import is_conv_state_dim_first
+
+    if not mixer_mod.simd_decode_runs(torch.empty(0), torch.empty(0), torch.empty(0, dtype=torch.float16)):
+        pytest.skip("no AVX-512: decodes take vLLM's ops, which need the full vLLM metadata (engine tests)")
+    mixer, s = w4a16_mixer, w4a16_mixer.shapes
+    gen = torch.Generator().manual_seed(4)
+    conv = torch.randn(5, s.conv_kernel - 1, s.conv_dim, generator=gen)
+    ssm = torch.randn(5, s.num_heads, s.head_dim, s.state_size, generator=gen).to(torch.float16)
+    before = (conv.clone(), ssm.clone())
+    # vLLM's own layout of the conv cache, which batch_state_caches views as (K-1, dim)
+    mixer.kv_cache = (conv.transpose(1, 2) if is_conv_state_dim_first() else conv, ssm)
+    decode_slots = [3, 0]
+    meta = _metadata(decode_slots, [])
+    projected = torch.randn(3, s.in_proj_dim, generator=gen)  # one padding row
+    output = torch.full((3, s.intermediate_size), 7.0)
+    monkeypatch.setattr(batch_mod, "get_forward_context", lambda: types.SimpleNamespace(attn_metadata={PREFIX: meta}))
+    mixer.conv_ssm_forward(projected, output)
+
+    assert mixer.online_hadamard
+    want, conv_want, ssm_want = mamba2_ssm_decode_ref(
+        projected[:2], mixer.ssm_params, before[0][decode_slots], before[1][decode_slots], rotate_output=True
+    )
+    torch.testing.assert_close(output[:2], want, rtol=RTOL, atol=ATOL)
+    assert torch.equal(output[2], torch.zeros_like(output[2]))
+    assert torch.equal(conv[decode_slots], conv_want)
+    assert_fp16_states_close(ssm[decode_slots], ssm_want)
+    assert torch.equal(ssm[[1, 2, 4]], before[1][[1, 2, 4]])

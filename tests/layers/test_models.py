@@ -46,12 +46,13 @@ def test_state_dtypes_int8_for_quamba_and_stock_otherwise(quamba_ckpt):
     )
     stock = _vllm_config()
     assert quamba_recipe(stock) is None
-    # W4A16 keeps the fp SSM, so its states are the stock ones
+    # W4A16 keeps the fp SSM: the stock conv state, the SSM state in fp16 (Quamba2's W4A16)
     w4a16_cfg = copy.deepcopy(quant_cfg)
     w4a16_cfg["quamba"]["recipe"] = "w4a16"
+    stock_conv, _ = Mamba2ForCausalLM.get_mamba_state_dtype_from_config(stock)
     assert QuambaMamba2ForCausalLM.get_mamba_state_dtype_from_config(
         _vllm_config(None, "quamba", w4a16_cfg)
-    ) == Mamba2ForCausalLM.get_mamba_state_dtype_from_config(stock)
+    ) == (stock_conv, torch.float16)
     assert QuambaMamba2ForCausalLM.get_mamba_state_dtype_from_config(
         stock
     ) == Mamba2ForCausalLM.get_mamba_state_dtype_from_config(stock)

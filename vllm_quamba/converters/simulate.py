@@ -6,7 +6,7 @@ gathers statistics. ``QuantizedMamba2Reference`` / ``QuantizedMambaReference`` r
 quamba checkpoint of any recipe with exactly the runtime's numerics, each layer at its own
 precision: the linears as stored (int8 or 4-bit, static input scales), then in W8A8/W4A8 layers
 the shared SSM path of ``kernels.quamba2_ssm`` / ``kernels.quamba_ssm`` with int8 decode
-states, in W4A16 layers the fp SSM with fp32 states. They are the references the vLLM plugin is tested against, token by token (prefill,
+states, in W4A16 layers the fp SSM (Mamba2: fp16 SSM state; Mamba1: fp32 states). They are the references the vLLM plugin is tested against, token by token (prefill,
 then one decode step per generated token). The embedding / residual blocks / final norm /
 lm_head backbone and the prefill/decode/generate driver are shared by both architectures.
 """
@@ -32,6 +32,7 @@ from ..format import (
 from ..kernels.causal_conv1d import causal_conv1d_ref, causal_conv1d_update_ref
 from ..kernels.gated_rmsnorm import gated_rmsnorm_ref
 from ..kernels.hadamard import hadamard_transform_ref
+from ..kernels.mamba2_ssm import FP_SSM_STATE_DTYPE, Mamba2SSMParams, mamba2_ssm_decode_ref
 from ..kernels.quamba2_ssm import quamba2_ssm_decode_ref, quamba2_ssm_prefill_ref
 from ..kernels.quamba_ssm import (
     quamba_conv_decode_ref,
@@ -42,7 +43,6 @@ from ..kernels.quamba_ssm import (
 from ..kernels.quant import dequantize_int8, quantize_int8
 from ..kernels.w4_linear import w4a8_linear_ref, w4a16_linear_ref
 from ..kernels.selective_scan import mamba1_state_update_ref, selective_scan_ref
-from ..kernels.selective_state_update import mamba2_state_update_ref
 from ..kernels.ssd_chunk_scan import ssd_chunk_scan_ref
 
 # observer(layer, point, tensor): points are "in_proj_input", "z", "x_in", "B_in", "C_in",
@@ -237,7 +237,7 @@ class QuantizedMamba2Reference(_QuantizedBackbone):
     """The simulated forward of a Mamba2 quamba checkpoint: the runtime's numerics spec.
 
     W8A8 and W4A8 layers run the int8 SSM path with int8 states; W4A16 layers the fp SSM of
-    the stock mixer with fp32 states. The linears run at whatever precision they are stored.
+    the stock mixer with an fp16 SSM state (fp32 conv state). The linears run at whatever precision they are stored.
     out_proj's input gets the online Hadamard unless ``quamba.hadamard`` is null (the naive
     baseline).
     """
@@ -267,31 +267,35 @@ class QuantizedMamba2Reference(_QuantizedBackbone):
             state = (conv, ssm)
         return self._out_proj(layer, y), state
 
-    def _fp_ssm(self, layer: int, zxbcdt: torch.Tensor, state, decode: bool):
-        """A W4A16 layer's fp SSM: in_proj output -> gated-norm output, fp32 (conv, ssm) states."""
+    def _fp_ssm_params(self, layer: int) -> Mamba2SSMParams:
         s, t = self.shapes, lambda name: self.layer_tensor(layer, name)  # noqa: E731
+        return Mamba2SSMParams(
+            conv_weight=t("conv1d.weight").reshape(s.conv_dim, -1), conv_bias=t("conv1d.bias"),
+            A=-torch.exp(t("A_log")), D=t("D"), dt_bias=t("dt_bias"), norm_weight=t("norm.weight"),
+            norm_eps=self.eps, n_groups=s.n_groups, state_size=s.state_size, head_dim=s.head_dim,
+        )  # fmt: skip
+
+    def _fp_ssm(self, layer: int, zxbcdt: torch.Tensor, state, decode: bool):
+        """A W4A16 layer's fp SSM: in_proj output -> gated-norm output, (fp32 conv, fp16 SSM)
+        states (kernels.mamba2_ssm)."""
+        p = self._fp_ssm_params(layer)
+        if decode:
+            y, conv_state, ssm_state = mamba2_ssm_decode_ref(zxbcdt, p, *state)
+            return y, (conv_state, ssm_state)
+        s = self.shapes
         gs = s.n_groups * s.state_size
         z, xbc, dt = torch.split(zxbcdt, [s.intermediate_size, s.conv_dim, s.num_heads], dim=-1)
         conv_state, ssm_state = state
-        conv_w = t("conv1d.weight").reshape(s.conv_dim, -1)
-        if decode:
-            xbc, conv_state = causal_conv1d_update_ref(xbc, conv_state, conv_w, t("conv1d.bias"))
-        else:
-            xbc, conv_state = causal_conv1d_ref(xbc, conv_w, t("conv1d.bias"), conv_state)
+        xbc, conv_state = causal_conv1d_ref(xbc, p.conv_weight, p.conv_bias, conv_state)
         x, B, C = torch.split(xbc, [s.intermediate_size, gs, gs], dim=-1)
-        lead = x.shape[:-1]
-        x = x.reshape(*lead, s.num_heads, s.head_dim)
-        B, C = B.reshape(*lead, s.n_groups, s.state_size), C.reshape(*lead, s.n_groups, s.state_size)
-        A = -torch.exp(t("A_log"))
-        if decode:
-            y, ssm_state = mamba2_state_update_ref(ssm_state, x, dt, A, B, C, t("D"), t("dt_bias"))
-        else:
-            y, ssm_state = ssd_chunk_scan_ref(
-                x, dt, A, B, C, self.chunk_size, D=t("D"), dt_bias=t("dt_bias"), dt_softplus=True,
-                initial_state=ssm_state,
-            )
-        y = gated_rmsnorm_ref(y.reshape(*lead, -1), z, t("norm.weight"), s.intermediate_size // s.n_groups, self.eps)
-        return y, (conv_state, ssm_state)
+        T = x.shape[0]
+        y, ssm_state = ssd_chunk_scan_ref(
+            x.reshape(T, s.num_heads, s.head_dim), dt, p.A, B.reshape(T, s.n_groups, s.state_size),
+            C.reshape(T, s.n_groups, s.state_size), self.chunk_size, D=p.D, dt_bias=p.dt_bias, dt_softplus=True,
+            initial_state=ssm_state,
+        )  # fmt: skip
+        y = gated_rmsnorm_ref(y.reshape(T, -1), z, p.norm_weight, s.intermediate_size // s.n_groups, self.eps)
+        return y, (conv_state, ssm_state.to(FP_SSM_STATE_DTYPE))
 
 
 class _MambaFpSSM:

@@ -15,6 +15,11 @@ Forward, per layer (numerics defined in ``vllm_quamba.kernels.quamba2_ssm``):
        ``quamba.hadamard`` is null (the naive baseline)
     -> out_proj (compressed-tensors W8A8 int8 scheme, static input scale)
 
+W4A16 layers run the stock fp SSM instead, with an fp16 SSM state (``kernels.mamba2_ssm``); on
+the CPU a decode-only step is one C call that also applies the gated norm and the Hadamard
+transform, and any other step runs vLLM's ops, then the norm and the transform, inside the
+custom op, so that out_proj's input is the same kind of tensor either way.
+
 Parameters: in_proj/out_proj come from their quant scheme; every other tensor of the format
 table (``format.mamba2_mixer_tensors``) is a plain parameter of the checkpoint's dtype,
 validated when loaded and again after loading (``process_weights_after_loading``, which vLLM
@@ -41,6 +46,7 @@ from ..format import (
 )
 from .cpu_ops import hadamard_transform
 from .checkpoint_tensors import CheckpointTensorsMixin, TensorHolder
+from ..kernels.mamba2_ssm import FP_SSM_STATE_DTYPE, Mamba2SSMParams, mamba2_ssm_decode_cpu, simd_decode_runs
 from ..kernels.quamba2_ssm import (
     Quamba2SSMParams,
     quamba2_ssm_decode_cpu,
@@ -62,10 +68,6 @@ def quamba_mixer_ssm_tensors(shapes: Mamba2Shapes) -> dict[str, tuple[tuple[int,
         for name, spec in mamba2_mixer_tensors(shapes).items()
         if name.split(".")[0] not in MAMBA2_QUANTIZED_LINEARS
     }
-
-
-def _hadamard_input(module: torch.nn.Module, args: tuple) -> tuple:
-    return (hadamard_transform(args[0]), *args[1:])
 
 
 class QuambaMixer2(CheckpointTensorsMixin, MambaMixer2):
@@ -143,12 +145,10 @@ class QuambaMixer2(CheckpointTensorsMixin, MambaMixer2):
         self.precision = quant_config.layer_precision(prefix)
         self.rms_norm_eps = rms_norm_eps
         self.chunk_size = model_config.get_mamba_chunk_size() if model_config is not None else 256
-        self.ssm_params: Quamba2SSMParams | None = None
+        self.ssm_params: Quamba2SSMParams | Mamba2SSMParams | None = None
         self.online_hadamard = online_hadamard(quant_config.quamba)
         if self.fp_ssm:
             self._ssm_tensor_specs = {}  # the stock parameters load the fp SSM tensors
-            if self.online_hadamard:
-                self.out_proj.register_forward_pre_hook(_hadamard_input)
             return
 
         # Drop the stock fp SSM parameters (conv1d Linear and its weight view, A, D, dt_bias,
@@ -167,7 +167,10 @@ class QuambaMixer2(CheckpointTensorsMixin, MambaMixer2):
         return self.precision == "w4a16"
 
     def get_state_dtype(self) -> tuple[torch.dtype, ...]:
-        return MambaMixer2.get_state_dtype(self) if self.fp_ssm else super().get_state_dtype()
+        if not self.fp_ssm:
+            return super().get_state_dtype()
+        conv_dtype = MambaMixer2.get_state_dtype(self)[0]
+        return conv_dtype, FP_SSM_STATE_DTYPE
 
     def format_tensors(self):
         """Name -> (shape, dtype) of every checkpoint tensor of this mixer (format.py's table)."""
@@ -181,12 +184,21 @@ class QuambaMixer2(CheckpointTensorsMixin, MambaMixer2):
         ``process_weights_after_loading`` (model_loader/utils.py).
         """
         if self.fp_ssm:
+            self.ssm_params = self._fp_ssm_params()
             return
         tensors = self.checked_checkpoint_tensors()
         self._check_group_ranges(tensors)
         self.ssm_params = mamba2_ssm_params(
             tensors, self.shapes, norm_eps=self.rms_norm_eps, chunk_size=self.chunk_size
         )
+
+    def _fp_ssm_params(self) -> Mamba2SSMParams:
+        s = self.shapes
+        return Mamba2SSMParams(
+            conv_weight=self.conv_weights, conv_bias=self.conv1d.bias, A=self.A, D=self.D, dt_bias=self.dt_bias,
+            norm_weight=self.norm.weight, norm_eps=self.norm.variance_epsilon, n_groups=s.n_groups,
+            state_size=s.state_size, head_dim=s.head_dim,
+        )  # fmt: skip
 
     def _check_group_ranges(self, tensors: dict[str, torch.Tensor]) -> None:
         """Sort-and-cluster group ranges must be non-decreasing cumsums ending at the sizes."""
@@ -208,8 +220,6 @@ class QuambaMixer2(CheckpointTensorsMixin, MambaMixer2):
 
     # ----- forward ---------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, mup_vector: torch.Tensor | None = None):
-        if self.fp_ssm:
-            return MambaMixer2.forward(self, hidden_states, mup_vector)
         projected_states, _ = self.in_proj(hidden_states)
         if mup_vector is not None:
             projected_states = projected_states * mup_vector
@@ -224,15 +234,21 @@ class QuambaMixer2(CheckpointTensorsMixin, MambaMixer2):
         torch.ops.vllm.mamba_mixer2(
             projected_states, ssm_output, _encode_layer_name(self.prefix)
         )
-        # The CPU kernels end with the Hadamard transform themselves (see conv_ssm_forward).
-        if self.online_hadamard and not ssm_output.is_cpu:
-            ssm_output = hadamard_transform(ssm_output)
+        # On the CPU, conv_ssm_forward ends with the gated norm and the Hadamard transform itself.
+        if not ssm_output.is_cpu:
+            if self.fp_ssm:
+                ssm_output = self.norm(ssm_output, projected_states[..., : self.intermediate_size])
+            if self.online_hadamard:
+                ssm_output = hadamard_transform(ssm_output)
         output, _ = self.out_proj(ssm_output)
         return output
 
     def conv_ssm_forward(self, projected_states: torch.Tensor, output: torch.Tensor) -> None:
-        """in_proj output -> gated-norm output, written into ``output`` (int8 states updated)."""
+        """in_proj output -> gated-norm output, written into ``output`` (states updated); on the
+        CPU, the Hadamard-rotated gated-norm output where the checkpoint rotates."""
         if self.fp_ssm:
+            if output.is_cpu:
+                return self._fp_ssm_cpu(projected_states, output)
             return MambaMixer2.conv_ssm_forward(self, projected_states, output)
         batch = self.batch_state_caches(output)
         if batch is None:
@@ -296,3 +312,26 @@ class QuambaMixer2(CheckpointTensorsMixin, MambaMixer2):
             )  # fmt: skip
         if result.data_ptr() != output.data_ptr():
             output[:num_tokens] = result.to(output.dtype)
+
+    def _fp_ssm_cpu(self, projected_states: torch.Tensor, output: torch.Tensor) -> None:
+        """A W4A16 layer on the CPU: a decode-only step in one C call (mamba2_ssm_decode_cpu);
+        anything else (prefills, no AVX-512, a bf16 model) through vLLM's ops, then the gated
+        norm and the Hadamard transform here."""
+        batch = self.batch_state_caches(output)
+        if batch is None:
+            return
+        attn_metadata, conv_cache, ssm_cache, num_tokens = batch
+        if (
+            attn_metadata.num_prefills == 0
+            and output.dtype == torch.float32
+            and simd_decode_runs(projected_states, conv_cache, ssm_cache)
+        ):
+            mamba2_ssm_decode_cpu(
+                projected_states[:num_tokens], self.ssm_params, conv_cache, ssm_cache,
+                attn_metadata.state_indices_tensor_d[:, 0], out=output[:num_tokens],
+                rotate_output=self.online_hadamard,
+            )  # fmt: skip
+            return
+        MambaMixer2.conv_ssm_forward(self, projected_states, output)
+        y = self.norm(output[:num_tokens], projected_states[:num_tokens, : self.intermediate_size])
+        output[:num_tokens] = hadamard_transform(y) if self.online_hadamard else y

@@ -41,6 +41,7 @@ from ..format import (
     head_to_toe_tensors,
     quamba_section,
 )
+from ..kernels.mamba2_ssm import FP_SSM_STATE_DTYPE
 from .checkpoint_tensors import QUAMBA_STATE_DTYPES
 from .mamba1_mixer import QuambaMixer
 from .mamba2_mixer import QuambaMixer2
@@ -59,8 +60,8 @@ def quamba_recipe(vllm_config: VllmConfig) -> str | None:
 
 
 def has_int8_states(vllm_config: VllmConfig) -> bool:
-    """Whether every layer keeps int8 states (W8A8, W4A8); W4A16 layers keep the stock fp
-    states, and a W4AX model has both (each mixer reports its own: ``get_state_dtype``)."""
+    """Whether every layer keeps int8 states (W8A8, W4A8); W4A16 layers keep fp states (Mamba2:
+    the SSM state in fp16), and a W4AX model has both (each mixer reports its own: ``get_state_dtype``)."""
     return quamba_recipe(vllm_config) in ("w8a8", "w4a8")
 
 
@@ -90,6 +91,8 @@ class _QuambaModelMixin:
     """
 
     quamba_mixers: list
+    # The SSM state dtype of W4A16 layers, where it is not the stock one (Mamba2: fp16).
+    w4a16_ssm_state_dtype: torch.dtype | None = None
 
     @classmethod
     def get_mamba_state_dtype_from_config(
@@ -97,7 +100,10 @@ class _QuambaModelMixin:
     ) -> tuple[torch.dtype, torch.dtype]:
         if has_int8_states(vllm_config):
             return QUAMBA_STATE_DTYPES
-        return super().get_mamba_state_dtype_from_config(vllm_config)
+        stock = super().get_mamba_state_dtype_from_config(vllm_config)
+        if cls.w4a16_ssm_state_dtype is not None and quamba_recipe(vllm_config) == "w4a16":
+            return stock[0], cls.w4a16_ssm_state_dtype
+        return stock
 
     def _init_with_quamba_mixers(self, vllm_config: VllmConfig, prefix: str, stock: type, replacement: type):
         with _pluggable_layer_replaced(stock, replacement):
@@ -127,6 +133,8 @@ class _QuambaModelMixin:
 
 class QuambaMamba2ForCausalLM(_QuambaModelMixin, Mamba2ForCausalLM):
     """Mamba2ForCausalLM that serves quamba W8A8 checkpoints too."""
+
+    w4a16_ssm_state_dtype = FP_SSM_STATE_DTYPE
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         self.checkpoint_specs = {}

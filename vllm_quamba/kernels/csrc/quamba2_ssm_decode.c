@@ -18,17 +18,12 @@
  * place; the new fp32 state is used for y while still in registers, never stored. One call for the
  * batch, where numba's three phases cost ~24 us of dispatch a layer at batch 1.
  */
-#include <math.h>
 #include <stddef.h>
 #include <stdlib.h>
 
-#include "simd.h"
+#include "ssm_decode.h"
 
-#define LANES 16
 #define GROUP (4 * LANES) /* state values per 64-byte line */
-/* How far ahead of the row being updated the state is prefetched: the hardware prefetcher alone
- * left a cold state update at half the memory bandwidth. */
-#define PREFETCH_BYTES 2048
 
 /* The update of 16 state values (the lanes in mask; masked-off lanes load zeros): returns the
  * new fp32 state s and leaves its quantization in *q_new, unclamped below -128 (the caller's
@@ -79,16 +74,6 @@ static ALWAYS_INLINE AVX512_VNNI float update_row(int8_t *row, int64_t state_siz
     return _mm512_reduce_add_ps(acc);
 }
 
-/* Prefetches the state PREFETCH_BYTES after offset in this slot, or past its end in the next. */
-static ALWAYS_INLINE void prefetch_ahead(const int8_t *slot, const int8_t *next_slot, int64_t offset, int64_t length,
-                                         int64_t slot_bytes) {
-    for (int64_t ahead = offset + PREFETCH_BYTES; ahead < offset + PREFETCH_BYTES + length; ahead += 64) {
-        if (ahead < slot_bytes)
-            _mm_prefetch((const char *)(slot + ahead), _MM_HINT_T0);
-        else if (next_slot != NULL)
-            _mm_prefetch((const char *)(next_slot + ahead - slot_bytes), _MM_HINT_T0);
-    }
-}
 
 
 /* A layer's constants, as quamba2_ssm.Quamba2CpuWeights holds them (quamba2_ssm._DecodeLayer
@@ -107,33 +92,6 @@ struct quamba2_decode_layer {
     int64_t num_heads, head_dim, state_size, n_groups, conv_kernel;
 };
 
-/* _numba_math's exp: 2^k * e^r, k = rint(x log2 e), r = x - k ln 2 (ln 2 in an exact head and a
- * tail), e^r by its degree-7 Taylor polynomial, x clamped to [-87, 88]. */
-#define EXP_MIN (-87.0f)
-#define EXP_MAX 88.0f
-#define LOG2E ((float)1.4426950408889634)
-#define LN2_HI 0.693359375f
-#define LN2_LO ((float)-2.12194440e-4)
-
-static ALWAYS_INLINE AVX512_VNNI __m512 exp_avx512(__m512 x) {
-    static const float taylor[8] = {1.0f, 1.0f, (float)(1.0 / 2), (float)(1.0 / 6), (float)(1.0 / 24),
-                                    (float)(1.0 / 120), (float)(1.0 / 720), (float)(1.0 / 5040)};
-    const __m512 v = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(EXP_MIN)), _mm512_set1_ps(EXP_MAX));
-    const __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 r =
-        _mm512_sub_ps(_mm512_sub_ps(v, _mm512_mul_ps(k, _mm512_set1_ps(LN2_HI))), _mm512_mul_ps(k, _mm512_set1_ps(LN2_LO)));
-    __m512 poly = _mm512_set1_ps(taylor[7]);
-    for (int i = 6; i >= 0; i--)
-        poly = _mm512_add_ps(_mm512_set1_ps(taylor[i]), _mm512_mul_ps(r, poly));
-    const __m512i pow2_bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127)), 23);
-    return _mm512_mul_ps(poly, _mm512_castsi512_ps(pow2_bits));
-}
-
-/* silu(v) = v / (1 + exp(-v)), the exp's argument as numba's -1.0 * v. */
-static ALWAYS_INLINE AVX512_VNNI __m512 silu_avx512(__m512 v) {
-    const __m512 exp_minus = exp_avx512(_mm512_mul_ps(v, _mm512_set1_ps(-1.0f)));
-    return _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), exp_minus));
-}
 
 /* rint(clamp(value * inv_scale, -128, 127)) as int32 lanes (cvtps rounds ties to even). */
 static ALWAYS_INLINE AVX512_VNNI __m512i quantize_vector(__m512 value, __m512 inv_scale) {
@@ -145,9 +103,6 @@ static ALWAYS_INLINE AVX512_VNNI __m512 fake_quant(__m512 value, __m512 inv_scal
     return _mm512_mul_ps(_mm512_cvtepi32_ps(quantize_vector(value, inv_scale)), scale);
 }
 
-static ALWAYS_INLINE __mmask16 tail_mask(int64_t remaining) {
-    return remaining >= LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << remaining) - 1);
-}
 
 /* The conv window of a slot (K-1 rows of C int8 at the given strides) to or from a contiguous
  * copy: vLLM's "DS" layout strides the channels. */
@@ -199,9 +154,7 @@ static AVX512_VNNI void conv_token(const struct quamba2_decode_layer *layer, con
 static void effective_dt(const struct quamba2_decode_layer *layer, const float *dt_in, float *dt, float *decay) {
     for (int64_t h = 0; h < layer->num_heads; h++) {
         const float q = rintf(fminf(fmaxf(dt_in[h] * layer->dt_inv, -128.0f), 127.0f));
-        const float v = q * layer->dt_scale + layer->dt_bias[h];
-        dt[h] = v > 20.0f ? v : log1pf(expf(v));
-        decay[h] = expf(dt[h] * layer->A[h]);
+        softplus_and_decay(q * layer->dt_scale + layer->dt_bias[h], layer->A[h], dt + h, decay + h);
     }
 }
 
@@ -235,20 +188,7 @@ static AVX512_VNNI void finish_token(const struct quamba2_decode_layer *layer, c
         const __m512 z = fake_quant(_mm512_maskz_loadu_ps(mask, z_in + i), z_inv, z_scale);
         _mm512_mask_storeu_ps(out + i, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, y + i), silu_avx512(z)));
     }
-    for (int64_t start = 0; start < size; start += group) {
-        __m512 squares = _mm512_setzero_ps();
-        for (int64_t i = start; i < start + group; i += LANES) {
-            const __m512 v = _mm512_maskz_loadu_ps(tail_mask(start + group - i), out + i);
-            squares = _mm512_add_ps(squares, _mm512_mul_ps(v, v));
-        }
-        const __m512 inv_rms =
-            _mm512_set1_ps(1.0f / sqrtf(_mm512_reduce_add_ps(squares) / (float)group + layer->norm_eps));
-        for (int64_t i = start; i < start + group; i += LANES) {
-            const __mmask16 mask = tail_mask(start + group - i);
-            const __m512 normed = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, out + i), inv_rms);
-            _mm512_mask_storeu_ps(out + i, mask, _mm512_mul_ps(normed, _mm512_maskz_loadu_ps(mask, layer->norm_weight + i)));
-        }
-    }
+    normalize_groups(out, size, group, layer->norm_weight, layer->norm_eps);
     if (layer->hadamard_base != NULL)
         quamba_hadamard_row_avx512(out, size, layer->hadamard_base, layer->hadamard_m, layer->hadamard_scale, scratch);
 }
